@@ -1,0 +1,8 @@
+"""minibert: BERT inference in NumPy and Numba that loads Hugging Face checkpoints and matches transformers."""
+from .bert import BertModel
+from .config import BertConfig
+from .outputs import BaseModelOutputWithPooling, ModelOutput
+from .tokenizer import BatchEncoding, BertTokenizer
+
+__version__ = "0.1.0"
+__all__ = ["BertModel", "BertConfig", "BertTokenizer", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput"]

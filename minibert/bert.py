@@ -1,0 +1,97 @@
+"""BertModel: from_pretrained, the call, and the module tree's root."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from . import model as F
+from .config import ACTIVATIONS, BertConfig
+from .hub import resolve_model_dir
+from .inputs import prepare_inputs
+from .kernels import select
+from .modules import BertEmbeddings, BertEncoder, BertPooler, Module
+from .outputs import BaseModelOutputWithPooling
+from .weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _resolve_dtype(dtype) -> np.dtype:
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return np.dtype(DTYPES[dtype])
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'")
+    return dt
+
+
+class BertModel(Module):
+    """BERT encoder with transformers' names, outputs and numbers.
+
+    ``BertModel.from_pretrained(name_or_path, dtype="float32", kernels="numba", **config_overrides)``;
+    ``model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+    output_hidden_states=None, output_attentions=None)``.
+    """
+
+    def __init__(self, config: BertConfig, params: Dict[str, np.ndarray], *, kernels: str = "numba",
+                 heads: Optional[Dict[str, np.ndarray]] = None, name_or_path: Optional[str] = None):
+        """``params``: ``{checkpoint name: array}`` as :func:`minibert.weights.load_weights` returns."""
+        nested = F.nest(params)
+        super().__init__(nested)
+        self.config = config
+        self.kernels = kernels
+        self._k = select(kernels)
+        self.dtype = nested["embeddings"]["LayerNorm"]["weight"].dtype
+        self.heads = heads or {}
+        self.name_or_path = name_or_path
+        self._add("embeddings", BertEmbeddings(nested["embeddings"], config, self._k))
+        self._add("encoder", BertEncoder(nested["encoder"], config, self._k))
+        if "pooler" in nested:
+            self._add("pooler", BertPooler(nested["pooler"]))
+
+    def __getattr__(self, name):
+        if name == "pooler" and "pooler" not in self.__dict__["_children"]:
+            return None  # a checkpoint without pooler weights (masked-LM): pooler is None, as in transformers
+        return super().__getattr__(name)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", **config_overrides) -> "BertModel":
+        """Load a local directory or a Hub repo id (None: the default model).
+
+        ``config_overrides`` set config fields, e.g. ``output_hidden_states=True``.
+        """
+        dt = _resolve_dtype(dtype)
+        select(kernels)  # a bad kernel set fails before any file is read
+        model_dir = resolve_model_dir(name_or_path)
+        config_path = Path(model_dir) / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{model_dir} has no config.json")
+        config = BertConfig.from_json_file(config_path, **config_overrides)
+        params, heads = load_weights(model_dir, config, dt)
+        name = os.fspath(name_or_path) if name_or_path is not None else str(model_dir)
+        return cls(config, params, kernels=kernels, heads=heads, name_or_path=name)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                 return_dict: Optional[bool] = None) -> BaseModelOutputWithPooling:
+        c = self.config
+        ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
+        out = F.bert(
+            self._params, ids, mask, tt, pos,
+            n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
+            output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
+        )
+        result = BaseModelOutputWithPooling(**out)
+        return result.to_tuple() if return_dict is False else result
+
+    forward = __call__

@@ -1,0 +1,105 @@
+"""Checking what a caller hands to the model, before any array indexing can go wrong.
+
+NumPy would silently wrap an id of -1 to the last embedding row and a float id would be
+truncated; here every such input raises an error naming the argument and the bad value.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .config import BertConfig
+
+
+def _as_int_array(name: str, value) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name} must be a rectangular array of integers (were the sequences padded?): {e}") from None
+    if arr.dtype == object:
+        raise ValueError(f"{name} must be a rectangular array of integers; got ragged or non-numeric data")
+    if arr.dtype.kind == "b":
+        raise TypeError(f"{name} has dtype bool; expected integer ids")
+    if arr.dtype.kind not in "iu" and arr.size:
+        raise TypeError(f"{name} has dtype {arr.dtype}; expected integers")
+    return arr
+
+
+def _first_bad(arr: np.ndarray, bad: np.ndarray) -> Tuple[int, tuple]:
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    return arr[idx], idx
+
+
+def _check_range(name: str, arr: np.ndarray, upper: int, what: str):
+    if arr.size == 0:
+        return
+    bad = (arr < 0) | (arr >= upper)
+    if bad.any():
+        value, idx = _first_bad(arr, bad)
+        raise ValueError(f"{name} contains {value} at {list(idx)}; expected 0 <= {name} < {upper} ({what})")
+
+
+def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                   dtype=np.float32):
+    """Checked ``(input_ids, attention_mask, token_type_ids, position_ids)``: int64 [B, T]
+    (the mask in ``dtype``). A 1-D sequence becomes a batch of one."""
+    if input_ids is None:
+        raise ValueError("input_ids is required")
+    ids = _as_int_array("input_ids", input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+        one = True
+    else:
+        one = False
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids has {ids.ndim} dimensions (shape {ids.shape}); expected [T] or [B, T]")
+    B, T = ids.shape
+    if T == 0:
+        raise ValueError(f"input_ids has shape {ids.shape}: sequences of 0 tokens; every sequence needs at least one token")
+    _check_range("input_ids", ids, config.vocab_size, f"vocab_size is {config.vocab_size}")
+
+    def same_shape(name, value):
+        arr = _as_int_array(name, value) if name != "attention_mask" else np.asarray(value)
+        if one and arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.shape != ids.shape:
+            raise ValueError(f"{name} has shape {arr.shape}; expected {ids.shape}, the shape of input_ids")
+        return arr
+
+    if attention_mask is None:
+        mask = np.ones((B, T), dtype=dtype)
+    else:
+        m = same_shape("attention_mask", attention_mask)
+        if m.dtype == object or m.dtype.kind not in "biuf":
+            raise TypeError(f"attention_mask has dtype {m.dtype}; expected 0/1 integers, bools or floats")
+        bad = (m != 0) & (m != 1)
+        if bad.any():
+            value, idx = _first_bad(m, bad)
+            raise ValueError(f"attention_mask contains {value} at {list(idx)}; expected only 0 (padding) and 1 (token)")
+        mask = m.astype(dtype)
+
+    if token_type_ids is None:
+        tt = np.zeros((B, T), dtype=np.int64)
+    else:
+        tt = same_shape("token_type_ids", token_type_ids)
+        _check_range("token_type_ids", tt, config.type_vocab_size, f"type_vocab_size is {config.type_vocab_size}")
+
+    P = config.max_position_embeddings
+    if position_ids is None:
+        if T > P:
+            raise ValueError(
+                f"input_ids has {T} tokens per sequence; the model takes at most max_position_embeddings={P} "
+                "(truncate, e.g. tokenizer(..., truncation=True, max_length=...))"
+            )
+        pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
+    else:
+        pos = _as_int_array("position_ids", position_ids)
+        if pos.ndim == 1:
+            pos = pos[None, :]
+        if pos.ndim != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
+            raise ValueError(f"position_ids has shape {np.shape(position_ids)}; expected {ids.shape} or (1, {T})")
+        _check_range("position_ids", pos, P, f"max_position_embeddings is {P}")
+        pos = np.broadcast_to(pos, (B, T))
+
+    return ids.astype(np.int64, copy=False), mask, tt.astype(np.int64, copy=False), pos.astype(np.int64, copy=False)

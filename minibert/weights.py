@@ -1,0 +1,198 @@
+"""safetensors files -> ``{checkpoint key: array}`` for BertModel, with the quirks of real checkpoints.
+
+The keys are the checkpoint's own names without the task prefix (``bert.``), so every array maps
+1:1 to a transformers parameter: ``encoder.layer.3.attention.self.query.weight`` is
+``model.encoder.layer[3].attention.self.query.weight`` in both libraries.
+
+Quirks handled here, nowhere else:
+- a ``bert.`` prefix (BertForPreTraining / MaskedLM / SequenceClassification checkpoints);
+- legacy ``LayerNorm.gamma`` / ``LayerNorm.beta`` for ``weight`` / ``bias``;
+- buffers saved with the weights (``embeddings.position_ids``, ``embeddings.token_type_ids``);
+- head weights (``cls.*``, ``classifier.*``, ``qa_outputs.*``): returned apart for the heads;
+- no pooler weights (masked-LM checkpoints): the pooler is None;
+- float16 / bfloat16 storage, upcast to the compute dtype (bfloat16 has no NumPy dtype, so its
+  raw bytes are widened to float32: bfloat16 is the top half of a float32).
+Arrays already in the compute dtype stay memory-mapped views of the file: no copy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Tuple
+
+import numpy as np
+
+from .config import BertConfig
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+HEAD_PREFIXES = ("cls.", "classifier.", "qa_outputs.")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's files or tensors are not what the config says they must be."""
+
+
+# -- reading files --------------------------------------------------------------------------------
+def checkpoint_files(model_dir) -> list[Path]:
+    """The safetensors files of a checkpoint directory: one file, or the shards its index names."""
+    d = Path(model_dir)
+    single, index = d / SINGLE_FILE, d / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {d}")
+        return [d / s for s in shards]
+    pickles = [f for f in _PICKLE_FILES if (d / f).is_file()]
+    if pickles:
+        raise CheckpointError(
+            f"{d} has weights only as {pickles[0]}; minibert reads safetensors only and never unpickles. "
+            "Convert once with transformers: "
+            "`AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)`, "
+            "which writes model.safetensors."
+        )
+    raise CheckpointError(f"{d} has no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _widen_bfloat16(raw: bytes, shape) -> np.ndarray:
+    bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(shape)
+
+
+def read_safetensors(files: Iterable[Path]) -> Dict[str, np.ndarray]:
+    """Every tensor of every file, as NumPy arrays (memory-mapped by the safetensors library)."""
+    from safetensors import SafetensorError, deserialize, safe_open
+
+    tensors: Dict[str, np.ndarray] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="np") as f:
+                bf16 = []
+                for k in f.keys():
+                    if k in tensors:
+                        raise CheckpointError(f"tensor {k!r} appears in more than one file ({path})")
+                    if f.get_slice(k).get_dtype() == "BF16":
+                        bf16.append(k)
+                    else:
+                        tensors[k] = f.get_tensor(k)
+            if bf16:
+                wanted = set(bf16)
+                for name, info in deserialize(path.read_bytes()):
+                    if name in wanted:
+                        tensors[name] = _widen_bfloat16(info["data"], info["shape"])
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"could not read {path}: {e}") from None
+    return tensors
+
+
+# -- mapping names --------------------------------------------------------------------------------
+def canonical_name(key: str) -> str:
+    """The BertModel name of a checkpoint key: no ``bert.`` prefix, gamma/beta -> weight/bias."""
+    if key.startswith("bert."):
+        key = key[len("bert."):]
+    if key.endswith("LayerNorm.gamma"):
+        key = key[: -len("gamma")] + "weight"
+    elif key.endswith("LayerNorm.beta"):
+        key = key[: -len("beta")] + "bias"
+    return key
+
+
+def expected_shapes(config: BertConfig, pooler: bool = True) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor BertModel needs, with the shape the config implies (Linear weights are [out, in])."""
+    H, I = config.hidden_size, config.intermediate_size
+    shapes = {
+        "embeddings.word_embeddings.weight": (config.vocab_size, H),
+        "embeddings.position_embeddings.weight": (config.max_position_embeddings, H),
+        "embeddings.token_type_embeddings.weight": (config.type_vocab_size, H),
+        "embeddings.LayerNorm.weight": (H,),
+        "embeddings.LayerNorm.bias": (H,),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            shapes[p + f"attention.self.{name}.weight"] = (H, H)
+            shapes[p + f"attention.self.{name}.bias"] = (H,)
+        shapes[p + "attention.output.dense.weight"] = (H, H)
+        shapes[p + "attention.output.dense.bias"] = (H,)
+        shapes[p + "attention.output.LayerNorm.weight"] = (H,)
+        shapes[p + "attention.output.LayerNorm.bias"] = (H,)
+        shapes[p + "intermediate.dense.weight"] = (I, H)
+        shapes[p + "intermediate.dense.bias"] = (I,)
+        shapes[p + "output.dense.weight"] = (H, I)
+        shapes[p + "output.dense.bias"] = (H,)
+        shapes[p + "output.LayerNorm.weight"] = (H,)
+        shapes[p + "output.LayerNorm.bias"] = (H,)
+    if pooler:
+        shapes["pooler.dense.weight"] = (H, H)
+        shapes["pooler.dense.bias"] = (H,)
+    return shapes
+
+
+def _to_dtype(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if arr.dtype.kind != "f":
+        raise CheckpointError(f"tensor {name!r} has dtype {arr.dtype}; expected a floating-point tensor")
+    return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+def split_checkpoint(
+    tensors: Dict[str, np.ndarray], config: BertConfig, dtype=np.float32
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Checkpoint tensors -> (BertModel params, head tensors), checked against the config.
+
+    params holds exactly the names of :func:`expected_shapes` in ``dtype``; heads holds
+    ``cls.*`` / ``classifier.*`` / ``qa_outputs.*`` (canonical names, original dtype).
+    """
+    dtype = np.dtype(dtype)
+    renamed: Dict[str, np.ndarray] = {}
+    for key, arr in tensors.items():
+        name = canonical_name(key)
+        if name in renamed:
+            raise CheckpointError(f"checkpoint has tensor {name!r} twice (as {key!r} and another spelling)")
+        renamed[name] = arr
+
+    has_pooler = "pooler.dense.weight" in renamed or "pooler.dense.bias" in renamed
+    shapes = expected_shapes(config, pooler=has_pooler)
+    missing = [k for k in shapes if k not in renamed]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint is missing tensor(s) {missing[:5]}{more}; expected shapes "
+            + ", ".join(f"{k}: {shapes[k]}" for k in missing[:5])
+        )
+    params: Dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        arr = renamed[name]
+        if tuple(arr.shape) != shape:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(arr.shape)}; the config implies {shape}"
+            )
+        params[name] = _to_dtype(name, arr, dtype)
+
+    heads = {k: v for k, v in renamed.items() if k.startswith(HEAD_PREFIXES)}
+    unused = sorted(k for k in renamed if k not in params and k not in heads and k not in BUFFERS)
+    if unused:
+        logger.warning("ignoring %d checkpoint tensor(s) BertModel does not use: %s", len(unused), ", ".join(unused[:8]))
+    if not has_pooler:
+        logger.warning("checkpoint has no pooler weights (pooler.dense.*), so pooler_output is None")
+    return params, heads
+
+
+def load_weights(model_dir, config: BertConfig, dtype=np.float32):
+    """(params, heads) from the safetensors file(s) in ``model_dir``; see :func:`split_checkpoint`."""
+    return split_checkpoint(read_safetensors(checkpoint_files(model_dir)), config, dtype)
