@@ -74,7 +74,7 @@ def resolve_model_dir(name_or_path=None) -> Path:
         raise NotADirectoryError(f"{s} is a file; pass the directory that holds config.json and the weights")
     packaged = packaged_model_dir(s)
     if packaged is not None:
-        logger.info("using the packaged copy of %s at %s", s, packaged)
+        logger.debug("using the packaged copy of %s at %s", s, packaged)
         return packaged
     if not s or _looks_like_path(s) or isinstance(name_or_path, Path):
         raise FileNotFoundError(f"model directory {s!r} does not exist")

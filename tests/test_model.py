@@ -1,0 +1,121 @@
+"""Parity with transformers' BertModel (eager attention) on random-weight checkpoints: every output,
+both kernel sets, float32 and float64."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TINY, TOL, assert_close, hf_forward, hf_model, make_checkpoint, random_batch
+from minibert import BertModel
+
+CONFIGS = {
+    "tiny": {},
+    # bert-base widths (fewer layers and a small vocabulary to keep the suite fast)
+    "base-shapes": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, vocab_size=300),
+    # heads that are not a power of two, the tanh GELU, eps 1e-5, three token types
+    "odd": dict(hidden_size=60, num_attention_heads=5, intermediate_size=50, hidden_act="gelu_new",
+                layer_norm_eps=1e-5, type_vocab_size=3, num_hidden_layers=3),
+    "relu": dict(hidden_act="relu", num_attention_heads=2),
+    "silu": dict(hidden_act="silu", num_attention_heads=8),
+    "gelu_pytorch_tanh": dict(hidden_act="gelu_pytorch_tanh", hidden_size=48, num_attention_heads=6),
+    "gelu_fast": dict(hidden_act="gelu_fast", hidden_size=36, num_attention_heads=3, type_vocab_size=3),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    cfg = CONFIGS[request.param]
+    path = make_checkpoint(tmp_path_factory.mktemp(request.param), seed=len(request.param), **cfg)
+    return request.param, path, {**TINY, **cfg}
+
+
+def compare_all(ours, theirs, tol, what):
+    assert_close(ours.last_hidden_state, theirs.last_hidden_state.numpy(), tol, f"{what} last_hidden_state")
+    assert_close(ours.pooler_output, theirs.pooler_output.numpy(), tol, f"{what} pooler_output")
+    assert len(ours.hidden_states) == len(theirs.hidden_states)
+    for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
+        assert_close(a, b.numpy(), tol, f"{what} hidden_states[{i}]")
+    assert len(ours.attentions) == len(theirs.attentions)
+    for i, (a, b) in enumerate(zip(ours.attentions, theirs.attentions)):
+        assert_close(a, b.numpy(), tol, f"{what} attentions[{i}]")
+
+
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("inputs", ["padded", "pairs", "position_ids", "defaults"])
+def test_parity_with_transformers(checkpoint, kernels, dtype, inputs):
+    name, path, cfg = checkpoint
+    rng = np.random.default_rng(1)
+    ids, mask, tt = random_batch(rng, cfg, B=3, T=13, pairs=(inputs == "pairs"))
+    pos = None
+    if inputs == "position_ids":
+        pos = rng.integers(0, cfg["max_position_embeddings"], size=ids.shape)
+    if inputs == "defaults":
+        mask = None
+    ours_model = BertModel.from_pretrained(path, dtype=dtype, kernels=kernels)
+    ours = ours_model(ids, attention_mask=mask, token_type_ids=tt, position_ids=pos,
+                      output_hidden_states=True, output_attentions=True)
+    theirs = hf_forward(hf_model(path, dtype), input_ids=ids, attention_mask=mask, token_type_ids=tt, position_ids=pos)
+    assert ours.last_hidden_state.dtype == np.dtype(dtype)
+    compare_all(ours, theirs, TOL["fp32" if dtype == "float32" else "fp64"], f"{name}/{kernels}/{dtype}/{inputs}")
+
+
+def test_outputs_at_padding_positions_match(tiny_dir):
+    """transformers computes every position, padding included; so do we."""
+    rng = np.random.default_rng(3)
+    ids, mask, _ = random_batch(rng, TINY, B=4, T=9)
+    assert (mask == 0).any()
+    ours = BertModel.from_pretrained(tiny_dir)(ids, attention_mask=mask)
+    theirs = hf_forward(hf_model(tiny_dir), input_ids=ids, attention_mask=mask)
+    pad = mask == 0
+    assert_close(ours.last_hidden_state[pad], theirs.last_hidden_state.numpy()[pad], TOL["fp32"], "padding positions")
+
+
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+def test_all_zero_mask_row_is_finite_and_matches(tiny_dir, kernels):
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, TINY["vocab_size"], size=(3, 7))
+    mask = np.ones((3, 7), dtype=np.int64)
+    mask[1] = 0
+    mask[2, 4:] = 0
+    ours = BertModel.from_pretrained(tiny_dir, kernels=kernels)(ids, attention_mask=mask, output_attentions=True)
+    theirs = hf_forward(hf_model(tiny_dir), input_ids=ids, attention_mask=mask)
+    assert np.isfinite(ours.last_hidden_state).all()
+    assert all(np.isfinite(a).all() for a in ours.attentions)
+    compare_all_fields = ["last_hidden_state", "pooler_output"]
+    for f in compare_all_fields:
+        assert_close(getattr(ours, f), getattr(theirs, f).numpy(), TOL["fp32"], f"all-zero mask row {f}")
+    for i, (a, b) in enumerate(zip(ours.attentions, theirs.attentions)):
+        assert_close(a, b.numpy(), TOL["fp32"], f"all-zero mask row attentions[{i}]")
+
+
+def test_one_sequence_1d_and_nested_lists(tiny_dir):
+    model = BertModel.from_pretrained(tiny_dir)
+    ids = [5, 17, 3, 42, 8]
+    a = model(ids)
+    b = model(np.array([ids]))
+    c = model([ids], attention_mask=[[1, 1, 1, 1, 1]], token_type_ids=[[0, 0, 0, 1, 1]])
+    theirs = hf_forward(hf_model(tiny_dir), input_ids=np.array([ids]), token_type_ids=np.array([[0, 0, 0, 1, 1]]))
+    assert a.last_hidden_state.shape == (1, 5, TINY["hidden_size"])
+    np.testing.assert_array_equal(a.last_hidden_state, b.last_hidden_state)
+    assert_close(c.last_hidden_state, theirs.last_hidden_state.numpy(), TOL["fp32"], "nested lists with token types")
+
+
+def test_empty_batch_gives_empty_outputs(tiny_dir):
+    model = BertModel.from_pretrained(tiny_dir)
+    out = model(np.zeros((0, 6), dtype=np.int64), output_hidden_states=True, output_attentions=True)
+    H, nH, L = TINY["hidden_size"], TINY["num_attention_heads"], TINY["num_hidden_layers"]
+    assert out.last_hidden_state.shape == (0, 6, H)
+    assert out.pooler_output.shape == (0, H)
+    assert len(out.hidden_states) == L + 1 and out.hidden_states[0].shape == (0, 6, H)
+    assert len(out.attentions) == L and out.attentions[0].shape == (0, nH, 6, 6)
+
+
+def test_float64_is_closer_to_transformers_float64_than_float32(tiny_dir):
+    """dtype='float64' really computes in float64 (exact inspection), not float32 upcast."""
+    rng = np.random.default_rng(5)
+    ids, mask, _ = random_batch(rng, TINY)
+    theirs = hf_forward(hf_model(tiny_dir, "float64"), input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    d64 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float64")(ids, mask).last_hidden_state - theirs).max()
+    d32 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float32")(ids, mask).last_hidden_state - theirs).max()
+    assert d64 < 1e-10 < d32, f"float64 diff {d64:.2e}, float32 diff {d32:.2e}"
