@@ -1,0 +1,160 @@
+"""Every registered version of every kernel against its NumPy reference, on odd shapes, masks included."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import TOL, assert_close
+from minibert import kernels
+from minibert.kernels import available, get, select
+
+DTYPES = ["float32", "float64"]
+
+
+def versions(op):
+    return [v for v in available(op) if v != "numpy"]
+
+
+def tol(dtype):
+    return TOL["kernel_fp32" if dtype == "float32" else "kernel_fp64"]
+
+
+@pytest.mark.parametrize("op", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (2, 3, 37), (0, 5)])
+def test_activations_match_reference(op, dtype, shape):
+    x = (np.random.default_rng(0).standard_normal(shape) * 4).astype(dtype)
+    ref = get(op, "numpy")(x)
+    assert ref.dtype == x.dtype and ref.shape == x.shape
+    for v in versions(op):
+        y = get(op, v)(x)
+        assert y.dtype == x.dtype and y.shape == x.shape, f"{op}/{v}"
+        assert_close(y, ref, tol(dtype), f"{op}/{v} {dtype} {shape}")
+
+
+def test_activation_references_are_the_textbook_formulas():
+    xs = [-5.0, -1.3, -0.2, 0.0, 0.7, 3.1]
+    x = np.array(xs)
+    gelu = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in xs]
+    tanh = [0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))) for v in xs]
+    silu = [v / (1 + math.exp(-v)) for v in xs]
+    np.testing.assert_allclose(get("gelu", "numpy")(x), gelu, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(get("gelu_tanh", "numpy")(x), tanh, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(get("silu", "numpy")(x), silu, rtol=1e-15, atol=1e-15)
+    np.testing.assert_array_equal(get("relu", "numpy")(x), np.maximum(x, 0))
+
+
+def test_gelu_forms_differ():
+    """The exact and tanh forms are different functions (to ~1e-3): the config's name matters."""
+    x = np.linspace(-3, 3, 101)
+    assert np.abs(get("gelu", "numpy")(x) - get("gelu_tanh", "numpy")(x)).max() > 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (2, 3, 30), (4, 768), (0, 8)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layernorm_matches_reference(dtype, shape, with_residual):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    r = (rng.standard_normal(shape) * 2).astype(dtype) if with_residual else None
+    w = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(dtype)
+    b = (0.3 * rng.standard_normal(shape[-1])).astype(dtype)
+    for eps in (1e-12, 1e-5):
+        ref = get("layernorm", "numpy")(x, r, w, b, eps)
+        for v in versions("layernorm"):
+            y = get("layernorm", v)(x, r, w, b, eps)
+            assert y.dtype == x.dtype and y.shape == x.shape
+            assert_close(y, ref, tol(dtype), f"layernorm/{v} {dtype} {shape} residual={with_residual} eps={eps}")
+
+
+def test_layernorm_reference_normalises():
+    x = np.random.default_rng(2).standard_normal((6, 50)) * 5 + 3
+    y = get("layernorm", "numpy")(x, None, np.ones(50), np.zeros(50), 1e-12)
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-12)
+    np.testing.assert_allclose(y.std(-1), 1, atol=1e-9)
+
+
+def test_layernorm_on_a_non_contiguous_input():
+    x = np.random.default_rng(3).standard_normal((8, 20)).astype(np.float32)[:, ::2]
+    w, b = np.ones(10, np.float32), np.zeros(10, np.float32)
+    for v in versions("layernorm"):
+        assert_close(get("layernorm", v)(x, None, w, b, 1e-12), get("layernorm", "numpy")(x, None, w, b, 1e-12),
+                     TOL["kernel_fp32"], f"layernorm/{v} strided")
+
+
+def _mask(rng, B, Tk, dtype):
+    m = np.ones((B, Tk))
+    for b in range(B):
+        m[b, max(0, Tk - 2 * b):] = 0  # row b pads its last 2b keys; a long batch ends in an all-padding row
+    return ((1 - m) * np.finfo(dtype).min).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 5), (3, 5, 7, 9), (4, 2, 3, 6)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_masked_softmax_matches_reference(dtype, shape, masked):
+    rng = np.random.default_rng(4)
+    s = (rng.standard_normal(shape) * 6).astype(dtype)
+    mask = _mask(rng, shape[0], shape[3], dtype) if masked else None
+    scale = shape[3] ** -0.5
+    ref = get("masked_softmax", "numpy")(s, mask, scale)
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(ref.sum(-1), 1, atol=1e-6)
+    for v in versions("masked_softmax"):
+        y = get("masked_softmax", v)(s, mask, scale)
+        assert y.dtype == s.dtype and y.shape == s.shape
+        assert_close(y, ref, tol(dtype), f"masked_softmax/{v} {dtype} {shape} masked={masked}")
+
+
+@pytest.mark.parametrize("version", available("masked_softmax"))
+def test_masked_softmax_all_padding_row_is_uniform_not_nan(version):
+    s = np.random.default_rng(5).standard_normal((1, 2, 3, 4)).astype(np.float32)
+    mask = np.full((1, 4), np.finfo(np.float32).min, dtype=np.float32)
+    y = get("masked_softmax", version)(s, mask, 0.5)
+    np.testing.assert_allclose(y, 0.25, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("version", available("masked_softmax"))
+def test_masked_softmax_gives_padding_zero_weight(version):
+    s = np.random.default_rng(6).standard_normal((2, 1, 3, 5)).astype(np.float32)
+    mask = np.zeros((2, 5), dtype=np.float32)
+    mask[0, 3:] = np.finfo(np.float32).min
+    y = get("masked_softmax", version)(s, mask, 1.0)
+    assert (y[0, :, :, 3:] == 0).all() and (y[1] > 0).all()
+
+
+def test_registry_sets_and_errors():
+    assert set(select("numpy")) == set(select("numba")) == set(kernels.OPS)
+    assert all(fn is get(op, "numpy") for op, fn in select("numpy").items())
+    assert all(fn is not get(op, "numpy") for op, fn in select("numba").items())
+    with pytest.raises(ValueError, match="kernels='fast' is not a kernel set"):
+        select("fast")
+    with pytest.raises(KeyError, match="unknown kernel op 'conv'"):
+        get("conv", "numpy")
+    with pytest.raises(KeyError, match="has no version 'v9'"):
+        get("gelu", "v9")
+    with pytest.raises(ValueError, match="registered twice"):
+        kernels.register("gelu", "numba")(lambda x: x)
+
+
+def test_wheel_installs_kernels_only_as_minibert_kernels(tmp_path):
+    """A top-level `kernels` would shadow the PyPI package of that name that transformers imports."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    import minibert.kernels
+
+    assert minibert.kernels.__name__ == "minibert.kernels"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("minibert-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"minibert"}, tops
+    assert "minibert/kernels/softmax.py" in names
