@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -225,6 +226,10 @@ class BertTokenizer:
             truncation = "longest_first"
         if padding is True or padding == "longest":
             pad = "longest"
+            if max_length is not None and truncation in (None, False, "do_not_truncate"):
+                warnings.warn("max_length is ignored when padding=True and truncation is off; "
+                              "to pad to max_length use padding='max_length', to cut use truncation=True",
+                              stacklevel=3)
         elif padding is False or padding is None or padding == "do_not_pad":
             pad = None
         elif padding == "max_length":

@@ -61,7 +61,6 @@ def test_single_strings_identical(ours, theirs, text):
     dict(padding="longest", truncation=True),
     dict(padding="max_length", max_length=40, truncation=True),
     dict(padding="max_length", truncation=True),
-    dict(padding=True, max_length=12),
     dict(padding=True, truncation="longest_first", max_length=9),
     dict(padding=True, pad_to_multiple_of=8),
 ])
@@ -82,6 +81,15 @@ def test_pairs_identical(ours, theirs, kwargs):
     assert a["token_type_ids"].max() == 1
     single = ours(PAIRS[0][0], PAIRS[0][1])
     same(single, theirs(PAIRS[0][0], PAIRS[0][1], return_tensors="np"), "one pair")
+
+
+def test_max_length_with_padding_but_no_truncation_warns_and_is_ignored(ours, theirs):
+    with pytest.warns(UserWarning, match="max_length is ignored"):
+        a = ours(AWKWARD, padding=True, max_length=12)
+    with pytest.warns(UserWarning):
+        b = theirs(AWKWARD, padding=True, max_length=12, return_tensors="np")
+    same(a, b, "padding=True, max_length=12")
+    assert a["input_ids"].shape[1] > 12
 
 
 def test_pair_truncation_only_second(ours, theirs):

@@ -1,0 +1,90 @@
+"""What every benchmark records: the machine, library versions, threads; and one timer."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags)
+    except OSError:
+        pass
+    return []
+
+
+def versions(*names) -> dict:
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def threads() -> dict:
+    info = {"numba": None, "blas": None}
+    try:
+        import numba
+
+        info["numba"] = numba.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [{k: p.get(k) for k in ("internal_api", "num_threads", "version")} for p in threadpool_info()]
+    except ImportError:
+        pass
+    return info
+
+
+def machine() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "libraries": versions("minibert", "numpy", "numba", "llvmlite", "torch", "transformers"),
+        "threads": threads(),
+    }
+
+
+def timeit(fn, *, min_repeats=3, max_repeats=50, budget_s=1.0) -> dict:
+    """Call ``fn`` once to warm up, then repeatedly until ``budget_s`` or ``max_repeats``.
+    Returns best and median seconds (the median is the figure to quote on a shared machine)."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"best_s": min(times), "median_s": statistics.median(times), "repeats": len(times)}
+
+
+def write_json(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
