@@ -64,19 +64,29 @@ class BertModel(Module):
         return super().__getattr__(name)
 
     @classmethod
-    def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", **config_overrides) -> "BertModel":
+    def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", add_pooling_layer: bool = True,
+                        revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False,
+                        attn_implementation: Optional[str] = None, **config_overrides) -> "BertModel":
         """Load a local directory or a Hub repo id (None: the default model).
 
-        ``config_overrides`` set config fields, e.g. ``output_hidden_states=True``.
+        ``dtype``: "float32" (default) or "float64", the compute dtype. ``kernels``: "numba" (default)
+        or "numpy". ``config_overrides`` set config fields, e.g. ``output_hidden_states=True``.
+        As in transformers: ``add_pooling_layer=False`` drops the pooler; ``revision``, ``cache_dir``
+        and ``local_files_only`` go to the Hub client; ``attn_implementation`` may be "eager" or
+        "sdpa" (the same mathematics; minibert computes it one way).
         """
         dt = _resolve_dtype(dtype)
         select(kernels)  # a bad kernel set fails before any file is read
-        model_dir = resolve_model_dir(name_or_path)
+        if attn_implementation not in (None, "eager", "sdpa"):
+            raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
+                             "minibert computes exact attention ('eager' / 'sdpa')")
+        model_dir = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only)
         config_path = Path(model_dir) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{model_dir} has no config.json")
-        config = BertConfig.from_json_file(config_path, **config_overrides)
-        params, heads = load_weights(model_dir, config, dt)
+        config = BertConfig.from_json_file(config_path, strict=True, **config_overrides)
+        params, heads = load_weights(model_dir, config, dt, pooler=add_pooling_layer)
         name = os.fspath(name_or_path) if name_or_path is not None else str(model_dir)
         return cls(config, params, kernels=kernels, heads=heads, name_or_path=name)
 

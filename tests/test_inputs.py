@@ -111,3 +111,28 @@ def test_bool_mask_and_float_mask_accepted(model):
     np.testing.assert_array_equal(a.last_hidden_state, b.last_hidden_state)
     np.testing.assert_array_equal(a.last_hidden_state, c.last_hidden_state)
 
+
+
+def test_unknown_from_pretrained_keyword_is_an_error(tiny_dir):
+    with pytest.raises(TypeError, match=r"unknown config override\(s\) \['output_hidden_state'\]"):
+        BertModel.from_pretrained(tiny_dir, output_hidden_state=True)
+
+
+def test_transformers_loading_keywords(tiny_dir, caplog):
+    import logging
+
+    ids = IDS
+    full = BertModel.from_pretrained(tiny_dir, attn_implementation="eager", dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="minibert"):
+        bare = BertModel.from_pretrained(tiny_dir, add_pooling_layer=False)
+    assert not caplog.records  # dropping the pooler on request is not worth a warning
+    assert bare.pooler is None and bare(ids).pooler_output is None
+    np.testing.assert_array_equal(bare(ids).last_hidden_state, full(ids).last_hidden_state)
+    assert "pooler" not in repr(bare)
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported"):
+        BertModel.from_pretrained(tiny_dir, attn_implementation="flash_attention_2")
+
+
+def test_local_files_only_with_an_uncached_repo_id(tmp_path):
+    with pytest.raises(OSError, match="could not get model 'org/uncached-bert'.*local_files_only=True.*local directory"):
+        BertModel.from_pretrained("org/uncached-bert", local_files_only=True, cache_dir=tmp_path)

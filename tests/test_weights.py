@@ -247,6 +247,7 @@ def test_repo_id_served_from_the_hub_cache_offline(tiny_dir, tmp_path, batch):
         shutil.copy(tiny_dir / f, snap)
     code = ("import numpy as np; from minibert import BertModel; "
             "m = BertModel.from_pretrained('test-org/tiny-bert'); "
+            f"assert BertModel.from_pretrained('test-org/tiny-bert', revision={commit!r}).config.hidden_size; "
             f"np.save({str(tmp_path / 'out.npy')!r}, m({batch['input_ids'].tolist()}).last_hidden_state)")
     r = _run_offline(code, tmp_path)
     assert r.returncode == 0, r.stderr
