@@ -28,29 +28,12 @@ def layernorm_numpy(x, residual, weight, bias, eps):
 
 
 @njit(cache=True)
-def _layernorm_rows(x, weight, bias, eps, out):
+def _layernorm_rows(x, residual, has_residual, weight, bias, eps, out):
     n, h = x.shape
     for r in range(n):
-        s = 0.0
+        # the sum x + residual is rounded to the array's dtype first, exactly as an unfused add
         for j in range(h):
-            s += x[r, j]
-        mean = s / h
-        ss = 0.0
-        for j in range(h):
-            d = x[r, j] - mean
-            ss += d * d
-        inv = 1.0 / np.sqrt(ss / h + eps)
-        for j in range(h):
-            out[r, j] = (x[r, j] - mean) * inv * weight[j] + bias[j]
-
-
-@njit(cache=True)
-def _add_layernorm_rows(x, residual, weight, bias, eps, out):
-    n, h = x.shape
-    for r in range(n):
-        # the sum is rounded to the array's dtype first, exactly as an unfused add would be
-        for j in range(h):
-            out[r, j] = x[r, j] + residual[r, j]
+            out[r, j] = x[r, j] + residual[r, j] if has_residual else x[r, j]
         s = 0.0
         for j in range(h):
             s += out[r, j]
@@ -72,8 +55,8 @@ def layernorm_numba(x, residual, weight, bias, eps):
     weight = np.ascontiguousarray(weight, dtype=x.dtype)
     bias = np.ascontiguousarray(bias, dtype=x.dtype)
     if residual is None:
-        _layernorm_rows(x2, weight, bias, float(eps), out)
+        _layernorm_rows(x2, x2, False, weight, bias, float(eps), out)
     else:
         r2 = np.ascontiguousarray(residual, dtype=x.dtype).reshape(x2.shape)
-        _add_layernorm_rows(x2, r2, weight, bias, float(eps), out)
+        _layernorm_rows(x2, r2, True, weight, bias, float(eps), out)
     return out.reshape(shape)

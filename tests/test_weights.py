@@ -32,6 +32,16 @@ def encoder_outputs_match(ours, theirs, what, pooler=True):
         assert_close(ours.pooler_output, theirs.pooler_output.numpy(), TOL["fp32"], f"{what} pooler_output")
 
 
+def _copy_with(tiny_dir, tmp_path, edit):
+    tensors = dict(load_file(tiny_dir / "model.safetensors"))
+    edit(tensors)
+    d = tmp_path / "broken"
+    d.mkdir()
+    shutil.copy(tiny_dir / "config.json", d)
+    save_file(tensors, d / "model.safetensors")
+    return d
+
+
 def run(model_dir, batch, **kw):
     return BertModel.from_pretrained(model_dir, **kw)(**batch, output_hidden_states=True)
 
@@ -76,25 +86,21 @@ def test_masked_lm_checkpoint_has_no_pooler_and_says_why_once(tmp_path, batch, c
 
 
 def test_legacy_gamma_beta_names(tiny_dir, tmp_path, batch):
-    tensors = load_file(tiny_dir / "model.safetensors")
-    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-               for k, v in tensors.items()}
-    assert any(k.endswith("gamma") for k in renamed)
-    d = tmp_path / "legacy"
-    d.mkdir()
-    shutil.copy(tiny_dir / "config.json", d)
-    save_file(renamed, d / "model.safetensors")
+    def rename(t):
+        for k in [k for k in t if "LayerNorm." in k]:
+            t[k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")] = t.pop(k)
+
+    d = _copy_with(tiny_dir, tmp_path, rename)
+    assert any(k.endswith("LayerNorm.gamma") for k in load_file(d / "model.safetensors"))
     theirs = hf_forward(hf_model(tiny_dir), **batch)
     encoder_outputs_match(run(d, batch), theirs, "gamma/beta")
 
 
 def test_position_ids_buffer_in_file_is_ignored(tiny_dir, tmp_path, batch):
-    tensors = dict(load_file(tiny_dir / "model.safetensors"))
-    tensors["embeddings.position_ids"] = np.arange(TINY["max_position_embeddings"], dtype=np.int64)[None]
-    d = tmp_path / "buf"
-    d.mkdir()
-    shutil.copy(tiny_dir / "config.json", d)
-    save_file(tensors, d / "model.safetensors")
+    def add_buffer(t):
+        t["embeddings.position_ids"] = np.arange(TINY["max_position_embeddings"], dtype=np.int64)[None]
+
+    d = _copy_with(tiny_dir, tmp_path, add_buffer)
     theirs = hf_forward(hf_model(tiny_dir), **batch)
     encoder_outputs_match(run(d, batch), theirs, "position_ids buffer")
 
@@ -134,16 +140,6 @@ def test_weights_in_compute_dtype_are_not_copied(tiny_dir):
 
 
 # -- broken checkpoints -----------------------------------------------------------------------------
-def _copy_with(tiny_dir, tmp_path, edit):
-    tensors = dict(load_file(tiny_dir / "model.safetensors"))
-    edit(tensors)
-    d = tmp_path / "broken"
-    d.mkdir()
-    shutil.copy(tiny_dir / "config.json", d)
-    save_file(tensors, d / "model.safetensors")
-    return d
-
-
 def test_missing_tensor_named_with_expected_shape(tiny_dir, tmp_path):
     d = _copy_with(tiny_dir, tmp_path, lambda t: t.pop("encoder.layer.1.attention.self.key.weight"))
     with pytest.raises(CheckpointError, match=rf"missing tensor.*encoder.layer.1.attention.self.key.weight.*\({H}, {H}\)"):
