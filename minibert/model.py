@@ -87,11 +87,13 @@ def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, 
     dtype = params["embeddings"]["LayerNorm"]["weight"].dtype
     mask = additive_mask(attention_mask, dtype)  # [B, T]
     x = embeddings(input_ids, token_type_ids, position_ids, **params["embeddings"], eps=eps, k=k)  # [B, T, H]
-    hidden: List[np.ndarray] = [x]
+    # intermediates are kept only when asked for: nothing of a layer outlives the next one otherwise
+    hidden: List[np.ndarray] = [x] if output_hidden_states else []
     attentions: List[np.ndarray] = []
     for lp in params["encoder"]["layer"]:
         x, probs = layer(x, mask, **lp, n_head=n_head, eps=eps, act=act, k=k)
-        hidden.append(x)
+        if output_hidden_states:
+            hidden.append(x)
         if output_attentions:
             attentions.append(probs)
     pooled: Optional[np.ndarray] = pooler(x, **params["pooler"]) if params.get("pooler") else None
