@@ -23,6 +23,9 @@ def register(op: str, version: str, *, default: bool = False):
         versions = OPS.setdefault(op, {})
         if version in versions:
             raise ValueError(f"kernel {op!r} version {version!r} is registered twice")
+        if default and op in _DEFAULT_NUMBA:
+            raise ValueError(f"kernel {op!r} already has a default version ({_DEFAULT_NUMBA[op]!r}); "
+                             f"cannot make {version!r} the default too")
         versions[version] = fn
         if default:
             _DEFAULT_NUMBA[op] = version

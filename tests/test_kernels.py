@@ -137,6 +137,9 @@ def test_registry_sets_and_errors():
         get("gelu", "v9")
     with pytest.raises(ValueError, match="registered twice"):
         kernels.register("gelu", "numba")(lambda x: x)
+    with pytest.raises(ValueError, match="already has a default version"):
+        kernels.register("gelu", "test_second_default", default=True)(lambda x: x)
+    assert "test_second_default" not in available("gelu")
 
 
 def test_wheel_installs_kernels_only_as_minibert_kernels(tmp_path):
