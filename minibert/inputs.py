@@ -12,13 +12,18 @@ import numpy as np
 from .config import BertConfig
 
 
-def _as_int_array(name: str, value) -> np.ndarray:
+def _as_array(name: str, value) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except ValueError as e:  # ragged nested lists
-        raise ValueError(f"{name} must be a rectangular array of integers (were the sequences padded?): {e}") from None
+        raise ValueError(f"{name} must be a rectangular array (were the sequences padded?): {e}") from None
     if arr.dtype == object:
-        raise ValueError(f"{name} must be a rectangular array of integers; got ragged or non-numeric data")
+        raise ValueError(f"{name} must be a rectangular array of numbers; got ragged or non-numeric data")
+    return arr
+
+
+def _as_int_array(name: str, value) -> np.ndarray:
+    arr = _as_array(name, value)
     if arr.dtype.kind == "b":
         raise TypeError(f"{name} has dtype bool; expected integer ids")
     if arr.dtype.kind not in "iu" and arr.size:
@@ -60,7 +65,7 @@ def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_typ
     _check_range("input_ids", ids, config.vocab_size, f"vocab_size is {config.vocab_size}")
 
     def same_shape(name, value):
-        arr = _as_int_array(name, value) if name != "attention_mask" else np.asarray(value)
+        arr = _as_int_array(name, value) if name != "attention_mask" else _as_array(name, value)
         if one and arr.ndim == 1:
             arr = arr[None, :]
         if arr.shape != ids.shape:
@@ -71,7 +76,7 @@ def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_typ
         mask = np.ones((B, T), dtype=dtype)
     else:
         m = same_shape("attention_mask", attention_mask)
-        if m.dtype == object or m.dtype.kind not in "biuf":
+        if m.dtype.kind not in "biuf":
             raise TypeError(f"attention_mask has dtype {m.dtype}; expected 0/1 integers, bools or floats")
         bad = (m != 0) & (m != 1)
         if bad.any():

@@ -33,6 +33,8 @@ IDS = np.array([[2, 5, 7, 9], [3, 4, 6, 8]])
     (dict(input_ids=np.ones((2, 3, 4), dtype=np.int64)), ValueError, "input_ids has 3 dimensions"),
     (dict(input_ids=[[1.5, 2.0]]), TypeError, "input_ids has dtype float64; expected integers"),
     (dict(input_ids=[[1, 2], [3]]), ValueError, "input_ids must be a rectangular array"),
+    (dict(input_ids=IDS, attention_mask=[[1, 1, 1, 1], [1, 1]]), ValueError, "attention_mask must be a rectangular array"),
+    (dict(input_ids=IDS, attention_mask=[["a"] * 4] * 2), TypeError, "attention_mask has dtype <U1"),
     (dict(input_ids=[["a", "b"]]), TypeError, "input_ids has dtype <U1"),
     (dict(input_ids=np.zeros((2, 0), dtype=np.int64)), ValueError, "sequences of 0 tokens"),
     (dict(input_ids=None), ValueError, "input_ids is required"),
