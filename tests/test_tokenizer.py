@@ -179,6 +179,7 @@ def test_result_is_a_mapping_with_attribute_access(ours):
     (lambda t: t(["a"], truncation="middle"), ValueError, "truncation='middle'"),
     (lambda t: t(["a"], max_length=0), ValueError, "max_length=0"),
     (lambda t: t(["a"], max_length=2.5), ValueError, "max_length=2.5"),
+    (lambda t: t(["a"], padding=True, pad_to_multiple_of=0), ValueError, "pad_to_multiple_of=0"),
     (lambda t: t(123), TypeError, "text must be a string or a list of strings, got int"),
     (lambda t: t(["a", 5]), TypeError, r"text\[1\] is int"),
     (lambda t: t(["a", "b"], ["c"]), ValueError, "text has 2 items but text_pair has 1"),
@@ -194,4 +195,10 @@ def test_bad_tokenizer_input(ours, call, exc, phrase):
 
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor vocab.txt"):
+        BertTokenizer.from_pretrained(tmp_path)
+
+
+def test_corrupt_tokenizer_json_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json could not be read as a tokenizer"):
         BertTokenizer.from_pretrained(tmp_path)
