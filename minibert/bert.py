@@ -1,7 +1,6 @@
 """BertModel: from_pretrained, the call, and the module tree's root."""
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Dict, Optional
@@ -17,7 +16,6 @@ from .modules import BertEmbeddings, BertEncoder, BertPooler, Module
 from .outputs import BaseModelOutputWithPooling
 from .weights import load_weights
 
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 

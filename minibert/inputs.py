@@ -5,7 +5,7 @@ truncated; here every such input raises an error naming the argument and the bad
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 

@@ -1,7 +1,6 @@
 """The real sentence-transformers/all-MiniLM-L6-v2 (packaged copy): outputs match transformers."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import TOL, assert_close, hf_forward, hf_model
