@@ -1,8 +1,18 @@
 """minibert: BERT inference in NumPy and Numba that loads Hugging Face checkpoints and matches transformers."""
 from .bert import BertModel
 from .config import BertConfig
+from .heads import (
+    BertForMaskedLM,
+    BertForNextSentencePrediction,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
 from .outputs import BaseModelOutputWithPooling, ModelOutput
 from .tokenizer import BatchEncoding, BertTokenizer
 
 __version__ = "0.1.0"
-__all__ = ["BertModel", "BertConfig", "BertTokenizer", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput"]
+__all__ = ["BertModel", "BertForMaskedLM", "BertForNextSentencePrediction", "BertForPreTraining",
+           "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
+           "BertConfig", "BertTokenizer", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput"]

@@ -32,6 +32,25 @@ def _resolve_dtype(dtype) -> np.dtype:
     return dt
 
 
+def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir, local_files_only,
+                    attn_implementation, config_overrides):
+    """(config, params, heads, name) for ``from_pretrained`` of BertModel and the task models."""
+    dt = _resolve_dtype(dtype)
+    select(kernels)  # a bad kernel set fails before any file is read
+    if attn_implementation not in (None, "eager", "sdpa"):
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
+                         "minibert computes exact attention ('eager' / 'sdpa')")
+    model_dir = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only)
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json")
+    config = BertConfig.from_json_file(config_path, strict=True, **config_overrides)
+    params, heads = load_weights(model_dir, config, dt, pooler=pooler)
+    name = os.fspath(name_or_path) if name_or_path is not None else str(model_dir)
+    return config, params, heads, name
+
+
 class BertModel(Module):
     """BERT encoder with transformers' names, outputs and numbers.
 
@@ -73,33 +92,29 @@ class BertModel(Module):
         and ``local_files_only`` go to the Hub client; ``attn_implementation`` may be "eager" or
         "sdpa" (the same mathematics; minibert computes it one way).
         """
-        dt = _resolve_dtype(dtype)
-        select(kernels)  # a bad kernel set fails before any file is read
-        if attn_implementation not in (None, "eager", "sdpa"):
-            raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
-                             "minibert computes exact attention ('eager' / 'sdpa')")
-        model_dir = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir,
-                                      local_files_only=local_files_only)
-        config_path = Path(model_dir) / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{model_dir} has no config.json")
-        config = BertConfig.from_json_file(config_path, strict=True, **config_overrides)
-        params, heads = load_weights(model_dir, config, dt, pooler=add_pooling_layer)
-        name = os.fspath(name_or_path) if name_or_path is not None else str(model_dir)
+        config, params, heads, name = load_pretrained(
+            name_or_path, dtype=dtype, kernels=kernels, pooler=add_pooling_layer, revision=revision,
+            cache_dir=cache_dir, local_files_only=local_files_only, attn_implementation=attn_implementation,
+            config_overrides=config_overrides)
         return cls(config, params, kernels=kernels, heads=heads, name_or_path=name)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
                  return_dict: Optional[bool] = None) -> BaseModelOutputWithPooling:
+        out = self.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions)
+        result = BaseModelOutputWithPooling(**out)
+        return result.to_tuple() if return_dict is False else result
+
+    def run(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+            output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None) -> Dict:
+        """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs."""
         c = self.config
         ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
-        out = F.bert(
+        return F.bert(
             self._params, ids, mask, tt, pos,
             n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
             output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
             output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
         )
-        result = BaseModelOutputWithPooling(**out)
-        return result.to_tuple() if return_dict is False else result
 
     forward = __call__

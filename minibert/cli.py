@@ -13,6 +13,8 @@ from .hub import DEFAULT_MODEL
 
 log = logging.getLogger("minibert")
 
+FILL_MASK_MODEL = "google-bert/bert-base-uncased"
+
 
 def _positive_int(s: str) -> int:
     try:
@@ -79,6 +81,86 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def _load_task(cls_name: str, model: Optional[str], args):
+    import minibert
+
+    from .hub import resolve_model_dir
+    from .tokenizer import BertTokenizer
+
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(model)
+    tokenizer = BertTokenizer.from_pretrained(model_dir)
+    m = getattr(minibert, cls_name).from_pretrained(model_dir, dtype=args.dtype, kernels=args.kernels)
+    log.info("loaded %s %s from %s in %.2f s", cls_name, model or DEFAULT_MODEL, model_dir, time.perf_counter() - t0)
+    return tokenizer, m
+
+
+def _softmax(x, axis=-1):  # in float64: probabilities that sum to 1 to print precision
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def cmd_fill_mask(args) -> int:
+    tokenizer, model = _load_task("BertForMaskedLM", args.model, args)
+    mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        raise ValueError(f"the tokenizer of {args.model} has no mask token")
+    V = model.config.vocab_size
+    if args.top_k > V:
+        raise ValueError(f"--top-k {args.top_k} exceeds the vocabulary size ({V})")
+    limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    x = tokenizer(args.texts, padding=True, truncation=True, max_length=limit)
+    ids = x["input_ids"]
+    for i, text in enumerate(args.texts):
+        if not (ids[i] == mask_id).any():
+            raise ValueError(f"text {i} ({text!r}) has no {tokenizer.mask_token} token "
+                             f"(or it was truncated away at {limit} tokens)")
+    logits = model(**x).logits  # [B, T, V]
+    for i, text in enumerate(args.texts):
+        print(f"text {i}: {text!r}")
+        n = int(x["attention_mask"][i].sum())
+        for pos in np.flatnonzero(ids[i, :n] == mask_id):
+            probs = _softmax(logits[i, pos])  # [V]
+            top = np.argsort(-probs, kind="stable")[: args.top_k]
+            print(f"  {tokenizer.mask_token} at token {pos}:")
+            for rank, t in enumerate(top, 1):
+                filled = ids[i, :n].copy()
+                filled[pos] = t
+                token = tokenizer.convert_ids_to_tokens([t])[0]
+                sequence = tokenizer.decode(filled, skip_special_tokens=True)
+                print(f"    {rank:>2}. {token:<15} {probs[t]:.4f}   {sequence}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    tokenizer, model = _load_task("BertForSequenceClassification", args.model, args)
+    limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    x = tokenizer(args.texts, padding=True, truncation=True, max_length=limit)
+    logits = model(**x).logits  # [B, num_labels]
+    n = model.num_labels
+    problem = model.problem_type or ("regression" if n == 1 else "single_label_classification")
+    if problem == "multi_label_classification":
+        scores, kind = 1 / (1 + np.exp(-logits.astype(np.float64))), "sigmoid"  # independent labels
+    elif problem == "regression":
+        scores, kind = logits.astype(np.float64), "value"
+    else:
+        scores, kind = _softmax(logits), "softmax"
+    labels = model.id2label
+    top_k = min(args.top_k or n, n)
+    for i, text in enumerate(args.texts):
+        print(f"text {i}: {text!r}")
+        for j in np.argsort(-scores[i], kind="stable")[:top_k]:
+            print(f"  {labels.get(int(j), f'LABEL_{j}'):<20} {scores[i, j]:.4f}  ({kind})")
+    return 0
+
+
+def _common(p, default_model: str, default_help: str):
+    p.add_argument("--model", default=default_model, metavar="NAME_OR_PATH", help=default_help)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--kernels", choices=["numba", "numpy"], default="numba")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minibert", description="BERT inference in NumPy and Numba.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.add_argument("--kernels", choices=["numba", "numpy"], default="numba")
     e.set_defaults(func=cmd_encode)
+
+    f = sub.add_parser("fill-mask", help="predict the tokens at [MASK] with a masked-LM checkpoint",
+                       description="Print the top-k tokens and their probabilities for each [MASK] in each TEXT.")
+    f.add_argument("texts", nargs="+", metavar="TEXT")
+    _common(f, FILL_MASK_MODEL, f"a BertForMaskedLM checkpoint (default: {FILL_MASK_MODEL})")
+    f.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="tokens to show per mask (default 5)")
+    f.set_defaults(func=cmd_fill_mask)
+
+    c = sub.add_parser("classify", help="label texts with a sequence-classification checkpoint",
+                       description="Print each TEXT's labels (config.id2label) with scores: softmax for "
+                                   "single-label models, sigmoid for multi-label, the raw value for regression.")
+    c.add_argument("texts", nargs="+", metavar="TEXT")
+    _common(c, None, "a BertForSequenceClassification checkpoint: local directory or Hub repo id")
+    c.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="show the K best labels (default all)")
+    c.set_defaults(func=cmd_classify)
     return p
 
 

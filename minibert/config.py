@@ -19,6 +19,9 @@ ACTIVATIONS = {
     "swish": "silu",
 }
 
+# transformers config keys that a checkpoint's config.json may leave out but a caller may set
+KNOWN_EXTRAS = ("num_labels", "id2label", "label2id", "problem_type", "tie_word_embeddings")
+
 _POSITIVE_INTS = (
     "vocab_size",
     "hidden_size",
@@ -59,7 +62,7 @@ class BertConfig:
         ``output_hidden_state=True``, which would otherwise be kept as an unused extra)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if strict:
-            unknown = sorted(k for k in overrides if k not in names and k not in d)
+            unknown = sorted(k for k in overrides if k not in names and k not in d and k not in KNOWN_EXTRAS)
             if unknown:
                 raise TypeError(f"unknown config override(s) {unknown}; config fields: {sorted(names)}")
         d = {**d, **overrides}

@@ -79,6 +79,16 @@ def pooler(h, *, dense):  # [B, T, H] -> [B, H]
     return np.tanh(linear(h[:, 0], **dense))
 
 
+# -- task heads (BertForMaskedLM, ...): dropout is the identity at inference ----------------------
+def lm_head(h, *, transform, decoder, bias, eps, act, k):  # [..., H] -> [..., V]
+    # BertLMPredictionHead: dense + activation + LayerNorm, then the decoder. The decoder's weight
+    # is the word embedding matrix and its bias is cls.predictions.bias (`bias` here) when tied,
+    # as in most checkpoints; the caller puts whichever applies into `decoder`.
+    t = k[act](linear(h, **transform["dense"]))  # [..., H]
+    t = k["layernorm"](t, None, transform["LayerNorm"]["weight"], transform["LayerNorm"]["bias"], eps)
+    return linear(t, **decoder)  # [..., V]
+
+
 def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, *, n_head: int, eps: float,
          act: str, k: Dict, output_hidden_states: bool = False, output_attentions: bool = False):
     """The whole BertModel. Inputs are checked int64 [B, T] arrays (``attention_mask`` 0/1 in the

@@ -86,3 +86,39 @@ class BaseModelOutputWithPooling(ModelOutput):
 
     _fields = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
 
+
+
+class MaskedLMOutput(ModelOutput):
+    """BertForMaskedLM: loss (when labels were given), logits [B, T, V], hidden_states, attentions."""
+
+    _fields = ("loss", "logits", "hidden_states", "attentions")
+
+
+class NextSentencePredictorOutput(ModelOutput):
+    """BertForNextSentencePrediction: loss, logits [B, 2] (index 0: B follows A), hidden_states, attentions."""
+
+    _fields = ("loss", "logits", "hidden_states", "attentions")
+
+
+class BertForPreTrainingOutput(ModelOutput):
+    """BertForPreTraining: loss, prediction_logits [B, T, V], seq_relationship_logits [B, 2], hidden_states, attentions."""
+
+    _fields = ("loss", "prediction_logits", "seq_relationship_logits", "hidden_states", "attentions")
+
+
+class SequenceClassifierOutput(ModelOutput):
+    """BertForSequenceClassification: loss, logits [B, num_labels], hidden_states, attentions."""
+
+    _fields = ("loss", "logits", "hidden_states", "attentions")
+
+
+class TokenClassifierOutput(ModelOutput):
+    """BertForTokenClassification: loss, logits [B, T, num_labels], hidden_states, attentions."""
+
+    _fields = ("loss", "logits", "hidden_states", "attentions")
+
+
+class QuestionAnsweringModelOutput(ModelOutput):
+    """BertForQuestionAnswering: loss, start_logits [B, T], end_logits [B, T], hidden_states, attentions."""
+
+    _fields = ("loss", "start_logits", "end_logits", "hidden_states", "attentions")
