@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -49,6 +50,10 @@ def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir
     params, heads = load_weights(model_dir, config, dt, pooler=pooler)
     name = os.fspath(name_or_path) if name_or_path is not None else str(model_dir)
     return config, params, heads, name
+
+
+def fnmatchcase_filter(names: List[str], pattern: str) -> List[str]:
+    return [n for n in names if fnmatchcase(n, pattern)]
 
 
 class BertModel(Module):
@@ -100,21 +105,56 @@ class BertModel(Module):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                 return_dict: Optional[bool] = None) -> BaseModelOutputWithPooling:
-        out = self.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions)
+                 return_dict: Optional[bool] = None, capture=None) -> BaseModelOutputWithPooling:
+        """``capture``: tap names or glob patterns (see :meth:`tap_names`); the arrays come back in
+        ``out.captures``, e.g. ``capture=["encoder.layer.*.attention.self.probs"]``."""
+        out = self.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions,
+                       capture)
         result = BaseModelOutputWithPooling(**out)
         return result.to_tuple() if return_dict is False else result
 
     def run(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-            output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None) -> Dict:
+            output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+            capture=None) -> Dict:
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs."""
         c = self.config
+        tap = self._taps(capture)
         ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
         return F.bert(
             self._params, ids, mask, tt, pos,
             n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
             output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
             output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
+            tap=tap,
         )
+
+    def tap_names(self) -> List[str]:
+        """Every name ``capture=`` accepts, in the order the forward pass reaches them:
+        ``embeddings``; per layer i ``encoder.layer.i.attention.self.{query,key,value}``
+        [B, nH, T, dH], ``.scores`` (scaled, mask added, before softmax) and ``.probs`` [B, nH, T, T],
+        ``.context`` [B, T, H] (heads merged), ``encoder.layer.i.attention.output`` [B, T, H],
+        ``encoder.layer.i.intermediate`` [B, T, I], ``encoder.layer.i.output`` [B, T, H];
+        ``pooler.dense`` [B, H] (before tanh) when the model has a pooler."""
+        return F.tap_names(self.config.num_hidden_layers, pooler=self.pooler is not None)
+
+    def _taps(self, capture) -> Optional[F.Taps]:
+        if capture is None:
+            return None
+        patterns = [capture] if isinstance(capture, str) else capture
+        try:
+            patterns = list(patterns)
+        except TypeError:
+            raise TypeError(f"capture must be a tap name, a glob pattern or a list of them; got {capture!r}") from None
+        names = self.tap_names()
+        chosen = set()
+        for pat in patterns:
+            if not isinstance(pat, str):
+                raise TypeError(f"capture entries must be strings (tap names or glob patterns); got {pat!r}")
+            hits = fnmatchcase_filter(names, pat)
+            if not hits:
+                raise ValueError(f"capture pattern {pat!r} matches no tap; model.tap_names() lists all "
+                                 f"{len(names)}, e.g. {names[1]!r}, 'encoder.layer.*.attention.self.probs'")
+            chosen.update(hits)
+        return F.Taps(chosen)
 
     forward = __call__

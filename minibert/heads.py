@@ -235,9 +235,13 @@ class BertPreTrainedModel(Module):
         return cls(config, params, heads, kernels=kernels, name_or_path=name)
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                output_attentions) -> Dict:
+                output_attentions, capture) -> Dict:
         return self.bert.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                             output_attentions)
+                             output_attentions, capture)
+
+    def tap_names(self):
+        """The encoder's taps (:meth:`minibert.BertModel.tap_names`); ``capture=`` takes them here too."""
+        return self.bert.tap_names()
 
     def _lm_logits(self, h):  # [B, T, H] -> [B, T, V]
         c = self.config
@@ -276,16 +280,16 @@ class BertForMaskedLM(BertPreTrainedModel):
         self._add("cls", BertOnlyMLMHead({"predictions": self._lm_params()}, self.config, self._k, self._ties))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None) -> MaskedLMOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> MaskedLMOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions)
+                           output_attentions, capture)
         logits = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         loss = None
         if labels is not None:
             y = class_labels("labels", labels, logits.shape[:2], logits.shape[-1])
             loss = cross_entropy(logits, y)
         return self._finish(MaskedLMOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
-                                           attentions=out["attentions"]), return_dict)
+                                           attentions=out["attentions"], captures=out["captures"]), return_dict)
 
     forward = __call__
 
@@ -303,15 +307,15 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         self._add("cls", BertOnlyNSPHead(self._params["cls"]))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None) -> NextSentencePredictorOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> NextSentencePredictorOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions)
+                           output_attentions, capture)
         logits = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
         if labels is not None:
             loss = cross_entropy(logits, class_labels("labels", labels, logits.shape[:1], 2))
         return self._finish(NextSentencePredictorOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
-                                                        attentions=out["attentions"]), return_dict)
+                                                        attentions=out["attentions"], captures=out["captures"]), return_dict)
 
     forward = __call__
 
@@ -332,9 +336,9 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  next_sentence_label=None, output_hidden_states=None, output_attentions=None,
-                 return_dict=None) -> BertForPreTrainingOutput:
+                 return_dict=None, capture=None) -> BertForPreTrainingOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions)
+                           output_attentions, capture)
         mlm = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         nsp = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
@@ -347,7 +351,7 @@ class BertForPreTraining(BertPreTrainedModel):
                                   what="next_sentence_label"))
         return self._finish(BertForPreTrainingOutput(
             loss=loss, prediction_logits=mlm, seq_relationship_logits=nsp, hidden_states=out["hidden_states"],
-            attentions=out["attentions"]), return_dict)
+            attentions=out["attentions"], captures=out["captures"]), return_dict)
 
     forward = __call__
 
@@ -384,13 +388,13 @@ class BertForSequenceClassification(_Classifier):
         return self.config.extra.get("problem_type")
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None) -> SequenceClassifierOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> SequenceClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions)
+                           output_attentions, capture)
         logits = F.linear(out["pooler_output"], **self._params["classifier"])  # [B, num_labels]
         loss = None if labels is None else self._loss(logits, labels)
         return self._finish(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
-                                                     attentions=out["attentions"]), return_dict)
+                                                     attentions=out["attentions"], captures=out["captures"]), return_dict)
 
     forward = __call__
 
@@ -421,15 +425,15 @@ class BertForTokenClassification(_Classifier):
     """``logits`` [B, T, num_labels], one prediction per token; ``labels`` [B, T] (-100: not scored)."""
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None) -> TokenClassifierOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> TokenClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions)
+                           output_attentions, capture)
         logits = F.linear(out["last_hidden_state"], **self._params["classifier"])  # [B, T, num_labels]
         loss = None
         if labels is not None:
             loss = cross_entropy(logits, class_labels("labels", labels, logits.shape[:2], logits.shape[-1]))
         return self._finish(TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
-                                                  attentions=out["attentions"]), return_dict)
+                                                  attentions=out["attentions"], captures=out["captures"]), return_dict)
 
     forward = __call__
 
@@ -445,9 +449,9 @@ class BertForQuestionAnswering(_Classifier):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  start_positions=None, end_positions=None, output_hidden_states=None, output_attentions=None,
-                 return_dict=None) -> QuestionAnsweringModelOutput:
+                 return_dict=None, capture=None) -> QuestionAnsweringModelOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions)
+                           output_attentions, capture)
         logits = F.linear(out["last_hidden_state"], **self._params["qa_outputs"])  # [B, T, 2]
         start, end = logits[..., 0], logits[..., 1]  # [B, T] each
         loss = None
@@ -470,7 +474,7 @@ class BertForQuestionAnswering(_Classifier):
             loss = (losses[0] + losses[1]) / 2
         return self._finish(QuestionAnsweringModelOutput(
             loss=loss, start_logits=np.ascontiguousarray(start), end_logits=np.ascontiguousarray(end),
-            hidden_states=out["hidden_states"], attentions=out["attentions"]), return_dict)
+            hidden_states=out["hidden_states"], attentions=out["attentions"], captures=out["captures"]), return_dict)
 
     forward = __call__
 

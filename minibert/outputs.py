@@ -82,43 +82,44 @@ class ModelOutput:
 class BaseModelOutputWithPooling(ModelOutput):
     """BertModel's result: last_hidden_state [B, T, H]; pooler_output [B, H] or None;
     hidden_states, L + 1 arrays [B, T, H] (embedding output first) or None;
-    attentions, L arrays [B, nH, T, T] of softmax probabilities or None."""
+    attentions, L arrays [B, nH, T, T] of softmax probabilities or None;
+    captures, {tap name: array} for the taps asked for with ``capture=`` or None."""
 
-    _fields = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
+    _fields = ("last_hidden_state", "pooler_output", "hidden_states", "attentions", "captures")
 
 
 
 class MaskedLMOutput(ModelOutput):
     """BertForMaskedLM: loss (when labels were given), logits [B, T, V], hidden_states, attentions."""
 
-    _fields = ("loss", "logits", "hidden_states", "attentions")
+    _fields = ("loss", "logits", "hidden_states", "attentions", "captures")
 
 
 class NextSentencePredictorOutput(ModelOutput):
     """BertForNextSentencePrediction: loss, logits [B, 2] (index 0: B follows A), hidden_states, attentions."""
 
-    _fields = ("loss", "logits", "hidden_states", "attentions")
+    _fields = ("loss", "logits", "hidden_states", "attentions", "captures")
 
 
 class BertForPreTrainingOutput(ModelOutput):
     """BertForPreTraining: loss, prediction_logits [B, T, V], seq_relationship_logits [B, 2], hidden_states, attentions."""
 
-    _fields = ("loss", "prediction_logits", "seq_relationship_logits", "hidden_states", "attentions")
+    _fields = ("loss", "prediction_logits", "seq_relationship_logits", "hidden_states", "attentions", "captures")
 
 
 class SequenceClassifierOutput(ModelOutput):
     """BertForSequenceClassification: loss, logits [B, num_labels], hidden_states, attentions."""
 
-    _fields = ("loss", "logits", "hidden_states", "attentions")
+    _fields = ("loss", "logits", "hidden_states", "attentions", "captures")
 
 
 class TokenClassifierOutput(ModelOutput):
     """BertForTokenClassification: loss, logits [B, T, num_labels], hidden_states, attentions."""
 
-    _fields = ("loss", "logits", "hidden_states", "attentions")
+    _fields = ("loss", "logits", "hidden_states", "attentions", "captures")
 
 
 class QuestionAnsweringModelOutput(ModelOutput):
     """BertForQuestionAnswering: loss, start_logits [B, T], end_logits [B, T], hidden_states, attentions."""
 
-    _fields = ("loss", "start_logits", "end_logits", "hidden_states", "attentions")
+    _fields = ("loss", "start_logits", "end_logits", "hidden_states", "attentions", "captures")
