@@ -9,10 +9,12 @@ from .heads import (
     BertForSequenceClassification,
     BertForTokenClassification,
 )
+from . import pooling
+from .sentence import SentenceEncoder
 from .outputs import BaseModelOutputWithPooling, ModelOutput
 from .tokenizer import BatchEncoding, BertTokenizer
 
 __version__ = "0.1.0"
 __all__ = ["BertModel", "BertForMaskedLM", "BertForNextSentencePrediction", "BertForPreTraining",
            "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
-           "BertConfig", "BertTokenizer", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput"]
+           "SentenceEncoder", "pooling", "BertConfig", "BertTokenizer", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput"]

@@ -31,6 +31,7 @@ _ALLOW_PATTERNS = [
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
+    "*_Pooling/config.json",
 ]
 
 
