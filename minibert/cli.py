@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -155,6 +156,210 @@ def cmd_classify(args) -> int:
     return 0
 
 
+# -- embed / similarity -------------------------------------------------------------------------
+def read_texts(path: str) -> List[str]:
+    """One text a line, or JSON Lines with a "text" field (a .jsonl name, or a first line that is
+    a JSON object). Every line is a row: row i of the output is line i + 1 of the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise OSError(f"--input {path}: {e.strerror or e}") from None
+    first = next((ln for ln in lines if ln.strip()), "")
+    if not (path.endswith(".jsonl") or first.lstrip().startswith("{")):
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"--input {path}: line {n} is empty; JSON Lines needs an object with a 'text' field on every line")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--input {path}: line {n} is not valid JSON: {e}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"--input {path}: line {n} has no string 'text' field")
+        texts.append(obj["text"])
+    return texts
+
+
+def _encoder(args):
+    from .sentence import SentenceEncoder
+
+    t0 = time.perf_counter()
+    enc = SentenceEncoder.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels)
+    log.info("loaded %s in %.2f s (pooling %s, normalize %s)", args.model or DEFAULT_MODEL, time.perf_counter() - t0,
+             "+".join(enc.pooling), enc.normalize)
+    return enc
+
+
+def cmd_embed(args) -> int:
+    if args.texts and args.input:
+        raise ValueError("give TEXTs or --input FILE, not both")
+    if not args.texts and not args.input:
+        raise ValueError("nothing to embed: give TEXTs or --input FILE")
+    texts = read_texts(args.input) if args.input else args.texts
+    if not texts:
+        raise ValueError(f"--input {args.input} holds no text")
+    if args.output and not args.output.endswith(".npy"):
+        raise ValueError(f"--output {args.output}: expected a .npy file name")
+    enc = _encoder(args)
+    t0 = time.perf_counter()
+    progress = len(texts) > args.batch_size and not args.no_progress
+    vecs = enc.encode(texts, batch_size=args.batch_size, pooling=args.pooling, normalize=args.normalize,
+                      show_progress_bar=progress)
+    dt = time.perf_counter() - t0
+    log.info("embedded %d text(s) in %.2f s (%.1f texts/s)", len(texts), dt, len(texts) / dt if dt else float("inf"))
+    if args.output:
+        np.save(args.output, vecs)
+        log.info("wrote %s: float32 %s", args.output, vecs.shape)
+    else:
+        for i, (text, v) in enumerate(zip(texts, vecs)):
+            print(f"text {i}: {text!r}")
+            print(f"  embedding {v.shape}: {_fmt(v)}  norm {np.linalg.norm(v):.4f}")
+    return 0
+
+
+def cmd_similarity(args) -> int:
+    if len(args.texts) < 2:
+        raise ValueError(f"similarity needs at least two TEXTs; got {len(args.texts)}")
+    enc = _encoder(args)
+    sim = enc.similarity(args.texts)  # [N, N] cosine
+    width = 8
+    print("cosine similarity")
+    print(" " * 6 + "".join(f"{j:>{width}}" for j in range(len(args.texts))))
+    for i, row in enumerate(sim):
+        print(f"{i:>4}  " + "".join(f"{c:>{width}.4f}" for c in row))
+    for i, t in enumerate(args.texts):
+        print(f"  {i}: {t}")
+    return 0
+
+
+# -- inspect ------------------------------------------------------------------------------------
+def tree_lines(module, name: str, depth: int = 0) -> List[str]:
+    """The module tree with each module's parameter count and each parameter's shape; of a list of
+    identical layers only the first is spelled out."""
+    from .modules import ModuleList
+
+    pad = "  " * depth
+    head = f"{pad}{name} ({type(module).__name__})" if name else f"{type(module).__name__}"
+    n = module.num_parameters()
+    if isinstance(module, ModuleList):
+        k = len(module)
+        lines = [f"{head}: {k} x {type(module[0]).__name__}, {n:,} parameters ({n // max(k, 1):,} each)"]
+        if k:
+            lines += tree_lines(module[0], "0", depth + 1)
+            if k > 1:
+                lines.append(f"{pad}  1-{k - 1}: the same shapes as 0")
+        return lines
+    own = [f"{p} {list(module._params[p].shape)}" for p in type(module)._param_names]
+    lines = [f"{head}: {n:,} parameters" + (f"  [{', '.join(own)}]" if own else "")]
+    for cname, child in module.named_children():
+        if child.num_parameters():
+            lines += tree_lines(child, cname, depth + 1)
+    return lines
+
+
+def attention_entropy(probs) -> np.ndarray:  # [B, nH, T, T] -> [B, nH]: mean over queries, nats
+    p = np.asarray(probs, dtype=np.float64)
+    return -(p * np.log(np.where(p > 0, p, 1))).sum(-1).mean(-1)
+
+
+def plot_attention(path: str, probs, tokens: List[str], layer: int, head: Optional[int]) -> None:
+    """Heat map of one head ([T, T]) or a grid of every head of the layer, token labels on both axes."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--attention-png needs matplotlib, which is not installed: "
+                           "pip install 'minibert[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = [head] if head is not None else list(range(probs.shape[0]))
+    cols = 1 if len(heads) == 1 else min(4, len(heads))
+    rows = -(-len(heads) // cols)
+    T = len(tokens)
+    size = max(3.0, 0.32 * T + 1.5)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    for ax in axes.flat[len(heads):]:
+        ax.axis("off")
+    for n, (ax, h) in enumerate(zip(axes.flat, heads)):
+        im = ax.imshow(probs[h], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"layer {layer}, head {h}")
+        ax.set_xticks(range(T), tokens, rotation=90, fontsize=8)
+        ax.set_yticks(range(T), tokens, fontsize=8)
+        if n // cols == rows - 1 or n + cols >= len(heads):
+            ax.set_xlabel("key")
+        if n % cols == 0:
+            ax.set_ylabel("query")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention probability")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def cmd_inspect(args) -> int:
+    from . import BertModel, BertTokenizer
+    from .hub import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = BertTokenizer.from_pretrained(model_dir)
+    model = BertModel.from_pretrained(model_dir, dtype=args.dtype, kernels=args.kernels)
+    c = model.config
+    L, nH = c.num_hidden_layers, c.num_attention_heads
+    layer = args.layer if args.layer is not None else L - 1
+    if not -L <= layer < L:
+        raise ValueError(f"--layer {layer} is out of range; the model has {L} layers (0 .. {L - 1})")
+    layer %= L
+    if args.head is not None and not 0 <= args.head < nH:
+        raise ValueError(f"--head {args.head} is out of range; the model has {nH} heads (0 .. {nH - 1})")
+    if args.head is not None and not args.attention_png:
+        raise ValueError("--head selects the head to draw: give --attention-png FILE too")
+
+    print("\n".join(tree_lines(model, "")))
+    x = tokenizer(args.text, truncation=True, max_length=min(tokenizer.model_max_length, c.max_position_embeddings))
+    out = model(**x, output_hidden_states=True, output_attentions=True)
+    tokens = tokenizer.convert_ids_to_tokens(x["input_ids"][0])
+    print(f"\ntokens ({len(tokens)}): " + " ".join(f"{t}({i})" for t, i in zip(tokens, x["input_ids"][0])))
+
+    print(f"\nper layer: mean L2 norm of the hidden states over tokens; attention entropy per head "
+          f"(nats, mean over queries; uniform over {len(tokens)} tokens = {np.log(len(tokens)):.3f})")
+    print(f"{'layer':>9} {'norm':>8}  " + " ".join(f"{'h' + str(h):>6}" for h in range(nH)))
+    for i, hs in enumerate(out.hidden_states):
+        norm = float(np.linalg.norm(hs[0].astype(np.float64), axis=-1).mean())
+        ent = " ".join(f"{e:6.3f}" for e in attention_entropy(out.attentions[i - 1])[0]) if i else ""
+        print(f"{'emb' if i == 0 else i - 1:>9} {norm:8.3f}  {ent}")
+
+    if args.pooler:
+        if out.pooler_output is None:
+            print("\npooler: this checkpoint has no pooler weights")
+        else:
+            cls_vec = out.last_hidden_state[0, 0].astype(np.float64)
+            pooled = out.pooler_output[0].astype(np.float64)
+            cos = float(cls_vec @ pooled / (np.linalg.norm(cls_vec) * np.linalg.norm(pooled)))
+            print(f"\npooler_output = tanh(W·h_CLS + b) {pooled.shape}: {_fmt(pooled)}")
+            print(f"h_CLS (last_hidden_state[0, 0]): {_fmt(cls_vec)}")
+            print(f"cosine(h_CLS, pooler_output) = {cos:.4f}")
+
+    if args.attention_png:
+        plot_attention(args.attention_png, out.attentions[layer][0], tokens, layer, args.head)
+        log.info("wrote %s (layer %d, %s)", args.attention_png, layer,
+                 f"head {args.head}" if args.head is not None else f"all {nH} heads")
+    return 0
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def _nonneg_int(s: str) -> int:
+    v = _int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
 def _common(p, default_model: str, default_help: str):
     p.add_argument("--model", default=default_model, metavar="NAME_OR_PATH", help=default_help)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -193,6 +398,39 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c, None, "a BertForSequenceClassification checkpoint: local directory or Hub repo id")
     c.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="show the K best labels (default all)")
     c.set_defaults(func=cmd_classify)
+
+    em = sub.add_parser("embed", help="sentence embeddings (the checkpoint's own pooling and normalization)",
+                        description="Embed TEXTs, or every line of --input FILE (plain text, one a line, or JSON "
+                                    "Lines with a 'text' field), with SentenceEncoder; print them or save a .npy.")
+    em.add_argument("texts", nargs="*", metavar="TEXT")
+    em.add_argument("--input", default=None, metavar="FILE", help="texts to embed, one a line (.txt) or JSONL")
+    em.add_argument("--output", default=None, metavar="OUT.npy", help="save the float32 [N, H] embeddings")
+    _common(em, None, f"local directory or Hub repo id (default: {DEFAULT_MODEL})")
+    em.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    em.add_argument("--pooling", choices=["mean", "cls", "max", "mean_sqrt_len"], default=None,
+                    help="override the checkpoint's pooling")
+    em.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                    help="L2-normalize (default: as the checkpoint says)")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    em.set_defaults(func=cmd_embed)
+
+    si = sub.add_parser("similarity", help="cosine similarity matrix of the TEXTs' sentence embeddings",
+                        description="Print the cosine similarity of every pair of TEXTs as a table.")
+    si.add_argument("texts", nargs="+", metavar="TEXT")
+    _common(si, None, f"local directory or Hub repo id (default: {DEFAULT_MODEL})")
+    si.set_defaults(func=cmd_similarity)
+
+    ins = sub.add_parser("inspect", help="module tree, tokens, per-layer norms and attention entropies, attention maps",
+                         description="Print the module tree with parameter counts and shapes, the tokens of TEXT, "
+                                     "and per layer the hidden-state norm and each head's attention entropy.")
+    ins.add_argument("text", metavar="TEXT")
+    _common(ins, None, f"local directory or Hub repo id (default: {DEFAULT_MODEL})")
+    ins.add_argument("--attention-png", default=None, metavar="FILE.png",
+                     help="draw the attention map of --layer (all heads, or --head) with token labels (needs matplotlib)")
+    ins.add_argument("--layer", type=_int, default=None, metavar="L", help="layer to draw (default: the last; -1 works)")
+    ins.add_argument("--head", type=_nonneg_int, default=None, metavar="H", help="one head to draw (default: all)")
+    ins.add_argument("--pooler", action="store_true", help="show pooler_output and its cosine with the [CLS] vector")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 
@@ -201,7 +439,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="minibert: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
         print(f"minibert: error: {e}", file=sys.stderr)
         return 1
 
