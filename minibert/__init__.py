@@ -11,10 +11,11 @@ from .heads import (
 )
 from . import pooling
 from .sentence import SentenceEncoder
+from .threads import get_num_threads, set_num_threads
 from .outputs import BaseModelOutputWithPooling, ModelOutput
 from .tokenizer import BatchEncoding, BertTokenizer
 
 __version__ = "0.1.0"
 __all__ = ["BertModel", "BertForMaskedLM", "BertForNextSentencePrediction", "BertForPreTraining",
            "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
-           "SentenceEncoder", "pooling", "BertConfig", "BertTokenizer", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput"]
+           "SentenceEncoder", "pooling", "set_num_threads", "get_num_threads", "BertConfig", "BertTokenizer", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput"]

@@ -364,6 +364,8 @@ def _common(p, default_model: str, default_help: str):
     p.add_argument("--model", default=default_model, metavar="NAME_OR_PATH", help=default_help)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--kernels", choices=["numba", "numpy"], default="numba")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="threads for the Numba kernels and the BLAS library together (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attentions", action="store_true", help="also compute (and save) every layer's attention maps")
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.add_argument("--kernels", choices=["numba", "numpy"], default="numba")
+    e.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="threads for the Numba kernels and the BLAS library together (default: all cores)")
     e.set_defaults(func=cmd_encode)
 
     f = sub.add_parser("fill-mask", help="predict the tokens at [MASK] with a masked-LM checkpoint",
@@ -438,6 +442,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="minibert: %(message)s", stream=sys.stderr)
     try:
+        if getattr(args, "threads", None) is not None:
+            from .threads import set_num_threads
+
+            set_num_threads(args.threads)
+            log.info("threads: %d (Numba and BLAS)", args.threads)
         return args.func(args)
     except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
         print(f"minibert: error: {e}", file=sys.stderr)
