@@ -52,10 +52,6 @@ def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir
     return config, params, heads, name
 
 
-def fnmatchcase_filter(names: List[str], pattern: str) -> List[str]:
-    return [n for n in names if fnmatchcase(n, pattern)]
-
-
 class BertModel(Module):
     """BERT encoder with transformers' names, outputs and numbers.
 
@@ -150,7 +146,7 @@ class BertModel(Module):
         for pat in patterns:
             if not isinstance(pat, str):
                 raise TypeError(f"capture entries must be strings (tap names or glob patterns); got {pat!r}")
-            hits = fnmatchcase_filter(names, pat)
+            hits = [n for n in names if fnmatchcase(n, pat)]
             if not hits:
                 raise ValueError(f"capture pattern {pat!r} matches no tap; model.tap_names() lists all "
                                  f"{len(names)}, e.g. {names[1]!r}, 'encoder.layer.*.attention.self.probs'")

@@ -96,10 +96,11 @@ def _load_task(cls_name: str, model: Optional[str], args):
     return tokenizer, m
 
 
-def _softmax(x, axis=-1):  # in float64: probabilities that sum to 1 to print precision
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+def _softmax(x):  # float64 probabilities over the last axis
+    from .losses import log_softmax
+
+    x = np.asarray(x)
+    return np.exp(log_softmax(x.reshape(-1, x.shape[-1]))).reshape(x.shape)
 
 
 def cmd_fill_mask(args) -> int:

@@ -29,7 +29,7 @@ from .outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from .weights import CheckpointError
+from .weights import CheckpointError, to_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -170,46 +170,46 @@ class BertPreTrainedModel(Module):
         for name, shape in shapes.items():
             if name not in heads:
                 continue
-            arr = heads[name]
-            if tuple(arr.shape) != shape:
-                raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)}; the config implies {shape}")
-            if arr.dtype.kind != "f":
-                raise CheckpointError(f"tensor {name!r} has dtype {arr.dtype}; expected a floating-point tensor")
-            flat[name] = arr.astype(self.dtype, copy=False)
-        if DECODER in shapes:
-            flat = self._tie_decoder(flat, bert)
+            if tuple(heads[name].shape) != shape:
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(heads[name].shape)}; the config implies {shape}")
+            flat[name] = to_dtype(name, heads[name], self.dtype)
+        self._tied = self._tie_decoder(flat, bert) if DECODER in shapes else ()
         return flat
 
-    def _tie_decoder(self, flat, bert) -> Dict[str, np.ndarray]:
-        # transformers 5: the decoder's weight is the word embedding matrix and its bias is
-        # cls.predictions.bias (tie_word_embeddings, the default), unless the file stores its own
-        # decoder tensor with other values: then that one is used, untied. With
-        # tie_word_embeddings=false there is nothing to tie to, so the weight must be in the file.
-        emb = bert._params["embeddings"]["word_embeddings"]
-        self._ties: Dict[str, Dict] = {}
-        if DECODER not in flat:
-            if not self.config.extra.get("tie_word_embeddings", True):
-                raise CheckpointError(
-                    f"checkpoint is missing tensor(s) ['{DECODER}'] that {type(self).__name__} needs: the "
-                    "config sets tie_word_embeddings=false, so the decoder is not the word embedding matrix")
-            self._ties["weight"] = emb
-        elif np.array_equal(flat[DECODER], emb["weight"]):
-            self._ties["weight"] = emb
-            del flat[DECODER]
+    def _tie_decoder(self, flat, bert) -> Tuple[str, ...]:
+        """Which decoder tensors are tied (removed from ``flat``): transformers 5 ties the decoder's
+        weight to the word embedding matrix and its bias to cls.predictions.bias
+        (tie_word_embeddings, the default), unless the file stores its own decoder tensor with
+        other values: then that one is used, untied. With tie_word_embeddings=false there is
+        nothing to tie to, so the weight must be in the file."""
+        emb = bert._params["embeddings"]["word_embeddings"]["weight"]
+        tied = []
+        if DECODER not in flat and not self.config.extra.get("tie_word_embeddings", True):
+            raise CheckpointError(
+                f"checkpoint is missing tensor(s) ['{DECODER}'] that {type(self).__name__} needs: the "
+                "config sets tie_word_embeddings=false, so the decoder is not the word embedding matrix")
+        if DECODER not in flat or np.array_equal(flat[DECODER], emb):
+            flat.pop(DECODER, None)
+            tied.append("weight")
         if DECODER_BIAS not in flat or np.array_equal(flat[DECODER_BIAS], flat["cls.predictions.bias"]):
             flat.pop(DECODER_BIAS, None)
-            self._ties["bias"] = None  # filled in _lm_params, once the nested dict exists
-        return flat
+            tied.append("bias")
+        return tuple(tied)
 
     def _lm_params(self) -> Dict:
-        """cls.predictions' params with the tied decoder tensors in place."""
+        """cls.predictions' params with the tied decoder tensors in place (they are read from their
+        owners at every call, so an assignment to either name is seen)."""
         preds = self._params["cls"]["predictions"]
         dec = preds.setdefault("decoder", {})
-        if "bias" in self._ties:
-            self._ties["bias"] = preds
-        for name, owner in self._ties.items():
+        for name, owner in self._ties().items():
             dec[name] = owner[name]
         return preds
+
+    def _ties(self) -> Dict[str, Dict]:
+        """{decoder param name: the params dict that owns it} for the tied ones."""
+        owners = {"weight": self.bert._params["embeddings"]["word_embeddings"],
+                  "bias": self._params["cls"]["predictions"]}
+        return {name: owners[name] for name in self._tied}
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", revision: Optional[str] = None,
@@ -277,7 +277,7 @@ class BertForMaskedLM(BertPreTrainedModel):
         return _lm_shapes(config)
 
     def _build(self):
-        self._add("cls", BertOnlyMLMHead({"predictions": self._lm_params()}, self.config, self._k, self._ties))
+        self._add("cls", BertOnlyMLMHead({"predictions": self._lm_params()}, self.config, self._k, self._ties()))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> MaskedLMOutput:
@@ -332,7 +332,7 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def _build(self):
         p = {"predictions": self._lm_params(), "seq_relationship": self._params["cls"]["seq_relationship"]}
-        self._add("cls", BertPreTrainingHeads(p, self.config, self._k, self._ties))
+        self._add("cls", BertPreTrainingHeads(p, self.config, self._k, self._ties()))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  next_sentence_label=None, output_hidden_states=None, output_attentions=None,

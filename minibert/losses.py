@@ -10,7 +10,7 @@ import numpy as np
 IGNORE_INDEX = -100
 
 
-def _log_softmax(logits):  # [N, C] -> [N, C], float64
+def log_softmax(logits):  # [N, C] -> [N, C], float64
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -34,7 +34,7 @@ def class_labels(name: str, labels, shape, num_classes: int, ignore_index=IGNORE
 def cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, what="labels") -> np.float64:
     """Mean over the positions whose label is not ``ignore_index``: [..., C], [...] -> scalar."""
     C = logits.shape[-1]
-    logp = _log_softmax(logits.reshape(-1, C))
+    logp = log_softmax(logits.reshape(-1, C))
     y = labels.reshape(-1)
     keep = y != ignore_index
     if not keep.any():

@@ -143,7 +143,7 @@ def expected_shapes(config: BertConfig, pooler: bool = True) -> Dict[str, Tuple[
     return shapes
 
 
-def _to_dtype(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def to_dtype(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if arr.dtype.kind != "f":
         raise CheckpointError(f"tensor {name!r} has dtype {arr.dtype}; expected a floating-point tensor")
     return arr if arr.dtype == dtype else arr.astype(dtype)
@@ -185,7 +185,7 @@ def split_checkpoint(
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(arr.shape)}; the config implies {shape}"
             )
-        params[name] = _to_dtype(name, arr, dtype)
+        params[name] = to_dtype(name, arr, dtype)
 
     heads = {k: v for k, v in renamed.items() if k.startswith(HEAD_PREFIXES)}
     unused = sorted(k for k in renamed if k not in params and k not in heads and k not in BUFFERS)
