@@ -1,12 +1,15 @@
 """Activation functions: GELU (exact erf form and tanh form), ReLU, SiLU.
 
-Versions, each with the reference's signature ``f(x) -> y`` (same shape and dtype as ``x``):
+Versions, each with the reference's signature ``f(x, bias=None) -> y`` computing ``act(x + bias)``
+(same shape and dtype as ``x``; ``bias`` [x.shape[-1]] is the bias of the dense layer that made
+``x``, so the add is fused into the activation's pass over memory instead of a pass of its own):
 - ``numpy``: the reference. NumPy has no erf, so the exact GELU maps ``math.erf`` over the
   elements (slow, but exact in float64 and written for clarity).
 - ``numba``: one ``@njit(cache=True)`` loop over the flattened array. No ``fastmath``: the exact
   GELU must match torch's erf to fp32 rounding and fp64 parity is held to 1e-10.
 - ``numba_v2`` (GELU forms and SiLU, the default): float32 erf/exp as vectorizable multiply-adds
-  (fastmath.py) and a ``prange`` over both cores; float64 keeps math.erf/math.exp. See below.
+  (fastmath.py), a ``prange`` over the rows on both cores, the bias added in the same pass;
+  float64 keeps math.erf/math.exp. See below.
 
 Why two GELUs: BERT's "gelu" is the exact ``0.5·x·(1 + erf(x/√2))``; "gelu_new",
 "gelu_pytorch_tanh" and "gelu_fast" are the tanh approximation
@@ -28,29 +31,37 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
+def _add_bias(x, bias):
+    return x if bias is None else x + np.asarray(bias, dtype=x.dtype)
+
+
 # --- reference ---------------------------------------------------------------------------------
 @register("gelu", "numpy")
-def gelu_numpy(x):
+def gelu_numpy(x, bias=None):
     """Exact GELU: 0.5·x·(1 + erf(x/√2))."""
+    x = _add_bias(x, bias)
     erf = _erf(x * x.dtype.type(_SQRT_HALF)).astype(x.dtype)
     return x * x.dtype.type(0.5) * (1 + erf)
 
 
 @register("gelu_tanh", "numpy")
-def gelu_tanh_numpy(x):
+def gelu_tanh_numpy(x, bias=None):
     """tanh-approximated GELU."""
+    x = _add_bias(x, bias)
     c = x.dtype.type(_SQRT_2_OVER_PI)
     return x.dtype.type(0.5) * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
 
 
 @register("relu", "numpy")
-def relu_numpy(x):
+def relu_numpy(x, bias=None):
+    x = _add_bias(x, bias)
     return np.maximum(x, x.dtype.type(0))
 
 
 @register("silu", "numpy")
-def silu_numpy(x):
+def silu_numpy(x, bias=None):
     """x·sigmoid(x)."""
+    x = _add_bias(x, bias)
     with np.errstate(over="ignore"):  # e^-x overflows to inf for x << 0, and x / inf is the right 0
         return x / (1 + np.exp(-x))
 
@@ -85,8 +96,8 @@ def _silu_loop(x, out):
 
 
 def _elementwise(loop):
-    def run(x):
-        x = np.ascontiguousarray(x)
+    def run(x, bias=None):
+        x = np.ascontiguousarray(_add_bias(x, bias))
         out = np.empty_like(x)
         loop(x.reshape(-1), out.reshape(-1))
         return out
@@ -109,54 +120,71 @@ silu_numba = register("silu", "numba")(_elementwise(_silu_loop))
 # keeps math.erf / math.exp: fp64 parity needs them. fastmath=True lets LLVM fuse and reorder the
 # multiply-adds; the results stay within the kernel tolerance (a few float32 ulps; erf's
 # approximation is within 4e-7 of math.erf).
+# x, out: [R, C], prange over the rows; b: [C], the bias (zeros when there is none: x + 0 is x).
 @njit(parallel=True, fastmath=True, cache=True)
-def _gelu_v2(x, out, half, one, sqrt_half):
-    for i in prange(x.size):
-        v = x[i]
-        out[i] = half * v * (one + ferf(v * sqrt_half))
+def _gelu_v2(x, b, out, half, one, sqrt_half):
+    for r in prange(x.shape[0]):
+        src, dst = x[r], out[r]  # 1-D row views: the inner loop vectorizes
+        for j in range(src.size):
+            v = src[j] + b[j]
+            dst[j] = half * v * (one + ferf(v * sqrt_half))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gelu_tanh_v2(x, out, one, two, c, k):
+def _gelu_tanh_v2(x, b, out, one, two, c, k):
     # 0.5·(1 + tanh(u)) = 1 / (1 + e^(-2u)): one exp, and no 1 - (nearly 1) cancellation, so the far
     # negative tail is exactly 0 as with tanh
-    for i in prange(x.size):
-        v = x[i]
-        u = c * (v + k * v * v * v)
-        out[i] = v / (one + fexp(-two * u))
+    for r in prange(x.shape[0]):
+        src, dst = x[r], out[r]
+        for j in range(src.size):
+            v = src[j] + b[j]
+            u = c * (v + k * v * v * v)
+            dst[j] = v / (one + fexp(-two * u))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _silu_v2(x, out, one):
-    for i in prange(x.size):
-        v = x[i]
-        out[i] = v / (one + fexp(-v))
+def _silu_v2(x, b, out, one):
+    for r in prange(x.shape[0]):
+        src, dst = x[r], out[r]
+        for j in range(src.size):
+            v = src[j] + b[j]
+            dst[j] = v / (one + fexp(-v))
+
+
+def _rows(x, bias):
+    """(x contiguous, x as [R, C] over its last axis, the bias [C] or zeros, out like x)."""
+    x = np.ascontiguousarray(x)
+    c = x.shape[-1] if x.ndim else 1
+    if bias is None:
+        b = np.zeros(c, dtype=x.dtype)
+    else:
+        b = np.ascontiguousarray(bias, dtype=x.dtype)
+        if b.shape != (c,) or x.ndim == 0:
+            raise ValueError(f"bias of shape {b.shape} does not match the last axis of x, shape {x.shape}")
+    return x, x.reshape(-1, c), b, np.empty_like(x)
 
 
 @register("gelu", "numba_v2", default=True)
-def gelu_numba_v2(x):
-    """Exact-form GELU with a vectorized float32 erf, over all threads."""
-    x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
+def gelu_numba_v2(x, bias=None):
+    """Exact-form GELU with a vectorized float32 erf, over all threads, bias fused."""
+    x, x2, b, out = _rows(x, bias)
     dt = x.dtype.type
-    _gelu_v2(x.reshape(-1), out.reshape(-1), dt(0.5), dt(1.0), dt(_SQRT_HALF))
+    _gelu_v2(x2, b, out.reshape(x2.shape), dt(0.5), dt(1.0), dt(_SQRT_HALF))
     return out
 
 
 @register("gelu_tanh", "numba_v2", default=True)
-def gelu_tanh_numba_v2(x):
-    """tanh-form GELU with tanh from a vectorized float32 exp, over all threads."""
-    x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
+def gelu_tanh_numba_v2(x, bias=None):
+    """tanh-form GELU with tanh from a vectorized float32 exp, over all threads, bias fused."""
+    x, x2, b, out = _rows(x, bias)
     dt = x.dtype.type
-    _gelu_tanh_v2(x.reshape(-1), out.reshape(-1), dt(1.0), dt(2.0), dt(_SQRT_2_OVER_PI), dt(0.044715))
+    _gelu_tanh_v2(x2, b, out.reshape(x2.shape), dt(1.0), dt(2.0), dt(_SQRT_2_OVER_PI), dt(0.044715))
     return out
 
 
 @register("silu", "numba_v2", default=True)
-def silu_numba_v2(x):
-    """SiLU with a vectorized float32 exp, over all threads."""
-    x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
-    _silu_v2(x.reshape(-1), out.reshape(-1), x.dtype.type(1.0))
+def silu_numba_v2(x, bias=None):
+    """SiLU with a vectorized float32 exp, over all threads, bias fused."""
+    x, x2, b, out = _rows(x, bias)
+    _silu_v2(x2, b, out.reshape(x2.shape), x.dtype.type(1.0))
     return out

@@ -9,13 +9,14 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import model as F
+from .alloc import keep_freed_memory
 from .config import ACTIVATIONS, BertConfig
 from .hub import resolve_model_dir
 from .inputs import prepare_inputs
 from .kernels import select
 from .modules import BertEmbeddings, BertEncoder, BertPooler, Module
 from .outputs import BaseModelOutputWithPooling
-from .weights import load_weights
+from .weights import load_weights, release_pages
 
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -52,6 +53,18 @@ def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir
     return config, params, heads, name
 
 
+def _fuse_qkv(p):
+    """Q, K and V of one layer as one GEMM: concatenate the weights (and biases) once and point
+    query/key/value at row blocks of the result, so they stay in memory once; the file pages the
+    originals were read from are handed back to the OS."""
+    w, b = F.fuse_qkv(p["query"], p["key"], p["value"])
+    old = [p[n]["weight"] for n in ("query", "key", "value")]
+    H = p["query"]["weight"].shape[0]
+    for i, n in enumerate(("query", "key", "value")):
+        p[n]["weight"], p[n]["bias"] = w[i * H:(i + 1) * H], b[i * H:(i + 1) * H]
+    release_pages(*old)
+
+
 class BertModel(Module):
     """BERT encoder with transformers' names, outputs and numbers.
 
@@ -61,9 +74,14 @@ class BertModel(Module):
     """
 
     def __init__(self, config: BertConfig, params: Dict[str, np.ndarray], *, kernels: str = "numba",
-                 heads: Optional[Dict[str, np.ndarray]] = None, name_or_path: Optional[str] = None):
-        """``params``: ``{checkpoint name: array}`` as :func:`minibert.weights.load_weights` returns."""
+                 heads: Optional[Dict[str, np.ndarray]] = None, name_or_path: Optional[str] = None,
+                 skip_padding: bool = True):
+        """``params``: ``{checkpoint name: array}`` as :func:`minibert.weights.load_weights` returns.
+        ``skip_padding``: see :meth:`from_pretrained`."""
+        keep_freed_memory()
         nested = F.nest(params)
+        for lp in nested["encoder"]["layer"]:
+            _fuse_qkv(lp["attention"]["self"])
         super().__init__(nested)
         self.config = config
         self.kernels = kernels
@@ -71,6 +89,7 @@ class BertModel(Module):
         self.dtype = nested["embeddings"]["LayerNorm"]["weight"].dtype
         self.heads = heads or {}
         self.name_or_path = name_or_path
+        self.skip_padding = bool(skip_padding)
         self._add("embeddings", BertEmbeddings(nested["embeddings"], config, self._k))
         self._add("encoder", BertEncoder(nested["encoder"], config, self._k))
         if "pooler" in nested:
@@ -84,7 +103,8 @@ class BertModel(Module):
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", add_pooling_layer: bool = True,
                         revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False,
-                        attn_implementation: Optional[str] = None, **config_overrides) -> "BertModel":
+                        attn_implementation: Optional[str] = None, skip_padding: bool = True,
+                        **config_overrides) -> "BertModel":
         """Load a local directory or a Hub repo id (None: the default model).
 
         ``dtype``: "float32" (default) or "float64", the compute dtype. ``kernels``: "numba" (default)
@@ -92,12 +112,18 @@ class BertModel(Module):
         As in transformers: ``add_pooling_layer=False`` drops the pooler; ``revision``, ``cache_dir``
         and ``local_files_only`` go to the Hub client; ``attn_implementation`` may be "eager" or
         "sdpa" (the same mathematics; minibert computes it one way).
+
+        ``skip_padding=True`` (default): a padded batch runs packed, on its valid tokens only, so
+        padding costs no work; ``last_hidden_state`` and ``hidden_states`` hold zeros at padding
+        positions (valid positions match transformers). ``skip_padding=False`` (or setting
+        ``model.skip_padding = False``) computes padding positions as transformers does. Asking
+        for attentions or captures always runs the dense batch.
         """
         config, params, heads, name = load_pretrained(
             name_or_path, dtype=dtype, kernels=kernels, pooler=add_pooling_layer, revision=revision,
             cache_dir=cache_dir, local_files_only=local_files_only, attn_implementation=attn_implementation,
             config_overrides=config_overrides)
-        return cls(config, params, kernels=kernels, heads=heads, name_or_path=name)
+        return cls(config, params, kernels=kernels, heads=heads, name_or_path=name, skip_padding=skip_padding)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
@@ -111,8 +137,9 @@ class BertModel(Module):
 
     def run(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
             output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-            capture=None) -> Dict:
-        """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs."""
+            capture=None, skip_padding: Optional[bool] = None) -> Dict:
+        """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
+        ``skip_padding`` None: the model's ``skip_padding``."""
         c = self.config
         tap = self._taps(capture)
         ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
@@ -121,7 +148,7 @@ class BertModel(Module):
             n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
             output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
             output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
-            tap=tap,
+            tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
         )
 
     def tap_names(self) -> List[str]:

@@ -235,9 +235,12 @@ class BertPreTrainedModel(Module):
         return cls(config, params, heads, kernels=kernels, name_or_path=name)
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                output_attentions, capture) -> Dict:
+                output_attentions, capture, *labels) -> Dict:
+        # with labels, the loss is transformers' own only if padding positions are computed as it
+        # does (labels there need not be -100): such calls run the dense batch
+        dense = any(y is not None for y in labels)
         return self.bert.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                             output_attentions, capture)
+                             output_attentions, capture, skip_padding=False if dense else None)
 
     def tap_names(self):
         """The encoder's taps (:meth:`minibert.BertModel.tap_names`); ``capture=`` takes them here too."""
@@ -282,7 +285,7 @@ class BertForMaskedLM(BertPreTrainedModel):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> MaskedLMOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture)
+                           output_attentions, capture, labels)
         logits = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         loss = None
         if labels is not None:
@@ -309,7 +312,7 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> NextSentencePredictorOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture)
+                           output_attentions, capture, labels)
         logits = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
         if labels is not None:
@@ -338,7 +341,7 @@ class BertForPreTraining(BertPreTrainedModel):
                  next_sentence_label=None, output_hidden_states=None, output_attentions=None,
                  return_dict=None, capture=None) -> BertForPreTrainingOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture)
+                           output_attentions, capture, labels, next_sentence_label)
         mlm = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         nsp = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
@@ -390,7 +393,7 @@ class BertForSequenceClassification(_Classifier):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> SequenceClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture)
+                           output_attentions, capture, labels)
         logits = F.linear(out["pooler_output"], **self._params["classifier"])  # [B, num_labels]
         loss = None if labels is None else self._loss(logits, labels)
         return self._finish(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
@@ -427,7 +430,7 @@ class BertForTokenClassification(_Classifier):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> TokenClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture)
+                           output_attentions, capture, labels)
         logits = F.linear(out["last_hidden_state"], **self._params["classifier"])  # [B, T, num_labels]
         loss = None
         if labels is not None:
@@ -451,7 +454,7 @@ class BertForQuestionAnswering(_Classifier):
                  start_positions=None, end_positions=None, output_hidden_states=None, output_attentions=None,
                  return_dict=None, capture=None) -> QuestionAnsweringModelOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture)
+                           output_attentions, capture, start_positions, end_positions)
         logits = F.linear(out["last_hidden_state"], **self._params["qa_outputs"])  # [B, T, 2]
         start, end = logits[..., 0], logits[..., 1]  # [B, T] each
         loss = None

@@ -28,9 +28,14 @@ import numpy as np
 
 def linear(x, weight, bias):  # [..., in], [out, in], [out] -> [..., out]
     # one 2-D GEMM over all tokens (NumPy would loop over the batch for a 3-D x), bias added in place
-    y = x.reshape(-1, x.shape[-1]) @ weight.T  # [N, out]
+    y = gemm(x.reshape(-1, x.shape[-1]), weight)  # [N, out]
     y += bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gemm(x, weight, out=None):  # [N, in], [out, in] -> [N, out]: BLAS sgemm/dgemm, no bias
+    # the encoder adds each bias in the pass that follows (activation, LayerNorm): see kernels/
+    return np.matmul(x, weight.T, out=out)
 
 
 def additive_mask(attention_mask, dtype):  # [B, T] of 0/1 -> [B, T] of 0 / finfo.min
@@ -39,11 +44,48 @@ def additive_mask(attention_mask, dtype):  # [B, T] of 0/1 -> [B, T] of 0 / finf
     return (1 - attention_mask.astype(dtype)) * np.finfo(dtype).min
 
 
+class Batch:
+    """How the rows of the encoder's [N, H] activations map to the caller's [B, T] batch.
+
+    dense: N = B·T, every sequence T rows, ``mask`` the additive [B, T] mask (pad keys get
+    finfo.min): transformers' computation, padding positions included.
+    packed: only the valid tokens, N = their number; sequence b is rows ``starts[b]:starts[b+1]``
+    and attends to exactly those rows, so no mask is needed and no work is spent on padding.
+    ``rows`` are the flat positions (b·T + t) of the packed rows, for scattering back to [B, T].
+    """
+
+    def __init__(self, B, T, *, mask=None, rows=None, starts=None):
+        self.B, self.T, self.mask, self.rows, self.starts = B, T, mask, rows, starts
+
+    @classmethod
+    def dense(cls, mask):  # mask: additive [B, T]
+        return cls(*mask.shape, mask=mask)
+
+    @classmethod
+    def packed(cls, valid):  # valid: bool [B, T]
+        B, T = valid.shape
+        counts = valid.sum(axis=1)
+        starts = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        return cls(B, T, rows=np.flatnonzero(valid.reshape(-1)), starts=starts)
+
+    @property
+    def is_packed(self):
+        return self.rows is not None
+
+    def unpack(self, x):  # [N, F] -> [B, T, F]: the packed rows in place, zeros at padding
+        if not self.is_packed:
+            return x.reshape(self.B, self.T, x.shape[-1])
+        full = np.zeros((self.B * self.T, x.shape[-1]), dtype=x.dtype)
+        full[self.rows] = x
+        return full.reshape(self.B, self.T, x.shape[-1])
+
+
 def embeddings(input_ids, token_type_ids, position_ids, *, word_embeddings, position_embeddings,
-               token_type_embeddings, LayerNorm, eps, k):  # [B, T] x3 -> [B, T, H]
-    x = word_embeddings["weight"][input_ids]  # [B, T, H]
+               token_type_embeddings, LayerNorm, eps, k):  # [...] x3 -> [..., H]
+    x = word_embeddings["weight"][input_ids]  # [..., H]
     x = x + token_type_embeddings["weight"][token_type_ids]  # same order of adds as transformers
-    x = x + position_embeddings["weight"][position_ids]
+    x += position_embeddings["weight"][position_ids]
     return k["layernorm"](x, None, LayerNorm["weight"], LayerNorm["bias"], eps)
 
 
@@ -57,47 +99,117 @@ def merge_heads(x):  # [B, nH, T, dH] -> [B, T, H]
     return x.transpose(0, 2, 1, 3).reshape(B, T, nH * dH)
 
 
-def self_attention(x, mask, *, query, key, value, n_head, k, tap=None, name=""):
-    # [B, T, H], [B, T] -> [B, T, H], [B, nH, T, T]
-    q = split_heads(linear(x, **query), n_head)  # [B, nH, T, dH]
-    kk = split_heads(linear(x, **key), n_head)  # [B, nH, T, dH]
-    v = split_heads(linear(x, **value), n_head)  # [B, nH, T, dH]
-    scale = q.shape[-1] ** -0.5
-    scores = q @ kk.transpose(0, 1, 3, 2)  # [B, nH, T, T], unscaled: the kernel scales, masks and normalizes
-    if tap:
-        tap(name + ".query", q)
+def fuse_qkv(query, key, value):  # -> (weight [3H, H], bias [3H]) as one array each
+    """Concatenate Q, K and V once so they run as one GEMM; the caller then points query, key and
+    value at row blocks of the result (see :func:`fused_qkv`), so the weights stay in memory once."""
+    return (np.concatenate([query["weight"], key["weight"], value["weight"]]),
+            np.concatenate([query["bias"], key["bias"], value["bias"]]))
+
+
+def _blocks_of(parts):  # the [3H, ...] array whose consecutive row blocks the three parts are, or None
+    base = parts[0].base
+    if base is None or base.shape[0] != sum(p.shape[0] for p in parts) or base.shape[1:] != parts[0].shape[1:]:
+        return None
+    addr = base.__array_interface__["data"][0]
+    for p in parts:
+        if p.base is not base or p.__array_interface__["data"][0] != addr or not p.flags.c_contiguous:
+            return None
+        addr += p.nbytes
+    return base
+
+
+def fused_qkv(query, key, value):  # -> (weight [3H, H], bias [3H]) or None
+    """The fused Q/K/V weight and bias when query, key and value are still row blocks of them (as
+    BertModel sets up at load); None after one was replaced, e.g. ``...query.weight = w``."""
+    w = _blocks_of([query["weight"], key["weight"], value["weight"]])
+    b = _blocks_of([query["bias"], key["bias"], value["bias"]])
+    return (w, b) if w is not None and b is not None else None
+
+
+def project_qkv(x, query, key, value):  # [N, H] -> [N, 3H]: q | k | v, biases added
+    fused = fused_qkv(query, key, value)
+    if fused is not None:
+        qkv = gemm(x, fused[0])
+        qkv += fused[1]
+        return qkv
+    H = query["weight"].shape[0]
+    qkv = np.empty((x.shape[0], 3 * H), dtype=x.dtype)
+    for i, p in enumerate((query, key, value)):  # three GEMMs writing straight into the column blocks
+        gemm(x, p["weight"], out=qkv[:, i * H:(i + 1) * H])
+    qkv += np.concatenate([query["bias"], key["bias"], value["bias"]])
+    return qkv
+
+
+def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
+    # [N, 3H] -> context [N, H], probs [B, nH, T, T] (dense batch and keep_probs) or None
+    N, H = qkv.shape[0], qkv.shape[1] // 3
+    dH = H // n_head
+    scale = dH ** -0.5
+    context = np.empty((N, H), dtype=qkv.dtype)
+
+    def heads(rows, B, T):  # rows [B·T, 3H] -> q, k, v as [B, nH, T, dH] views (no copy)
+        t = rows.reshape(B, T, 3, n_head, dH)
+        return (t[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+    if not batch.is_packed:
+        B, T = batch.B, batch.T
+        q, kk, v = heads(qkv, B, T)
+        probs = k["masked_softmax"](q @ kk.transpose(0, 1, 3, 2), batch.mask, scale)  # [B, nH, T, T]
+        # P·V written straight into the [N, H] layout: no merge-heads copy
+        np.matmul(probs, v, out=context.reshape(B, T, n_head, dH).transpose(0, 2, 1, 3))
+        return context, (probs if keep_probs else None)
+    for b in range(batch.B):  # each sequence on its own length: no padding, no mask
+        lo, hi = int(batch.starts[b]), int(batch.starts[b + 1])
+        if hi == lo:
+            continue
+        q, kk, v = heads(qkv[lo:hi], 1, hi - lo)
+        probs = k["masked_softmax"](q @ kk.transpose(0, 1, 3, 2), None, scale)  # [1, nH, L, L]
+        np.matmul(probs, v, out=context[lo:hi].reshape(1, hi - lo, n_head, dH).transpose(0, 2, 1, 3))
+    return context, None
+
+
+def self_attention(x, batch: Batch, *, query, key, value, n_head, k, keep_probs=False, tap=None, name=""):
+    # [N, H] -> [N, H], [B, nH, T, T] or None
+    qkv = project_qkv(x, query, key, value)  # [N, 3H]
+    context, probs = attention(qkv, batch, n_head, k, keep_probs=keep_probs or bool(tap))
+    if tap:  # taps run on dense batches only (see bert)
+        B, T, H = batch.B, batch.T, x.shape[-1]
+        q, kk, v = (split_heads(qkv[:, i * H:(i + 1) * H].reshape(B, T, H), n_head) for i in range(3))
+        tap(name + ".query", q)  # [B, nH, T, dH]
         tap(name + ".key", kk)
         tap(name + ".value", v)
         if tap.wants(name + ".scores"):  # the one intermediate the fused softmax never materializes
-            tap(name + ".scores", scores * scores.dtype.type(scale) + mask[:, None, None, :])
-    probs = k["masked_softmax"](scores, mask, scale)  # [B, nH, T, T]
-    context = merge_heads(probs @ v)  # [B, T, H]
-    if tap:
+            scale = q.dtype.type(q.shape[-1] ** -0.5)
+            tap(name + ".scores", (q @ kk.transpose(0, 1, 3, 2)) * scale + batch.mask[:, None, None, :])
         tap(name + ".probs", probs)
-        tap(name + ".context", context)
+        tap(name + ".context", context.reshape(B, T, H))
     return context, probs
 
 
-def attention_block(x, mask, *, self, output, n_head, eps, k, tap=None, name=""):
-    # [B, T, H] -> [B, T, H], [B, nH, T, T]
+def attention_block(x, batch: Batch, *, self, output, n_head, eps, k, keep_probs=False, tap=None, name=""):
+    # [N, H] -> [N, H], [B, nH, T, T] or None
     # `self` is the checkpoint's name of the sub-module (attention.self.query...), not an instance
-    context, probs = self_attention(x, mask, **self, n_head=n_head, k=k, tap=tap, name=name + ".self")
-    y = linear(context, **output["dense"])  # [B, T, H]
-    a = k["layernorm"](y, x, output["LayerNorm"]["weight"], output["LayerNorm"]["bias"], eps)  # [B, T, H]
+    context, probs = self_attention(x, batch, **self, n_head=n_head, k=k, keep_probs=keep_probs, tap=tap,
+                                    name=name + ".self")
+    dense, ln = output["dense"], output["LayerNorm"]
+    # LayerNorm(context·Wᵀ + b + x): the GEMM without its bias, then one fused pass
+    a = k["layernorm"](gemm(context, dense["weight"]), x, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
     if tap:
-        tap(name + ".output", a)
+        tap(name + ".output", batch.unpack(a))
     return a, probs
 
 
-def layer(x, mask, *, attention: Dict, intermediate: Dict, output: Dict, n_head, eps, act, k, tap=None, name=""):
-    # [B, T, H], [B, T] -> [B, T, H], [B, nH, T, T]
-    a, probs = attention_block(x, mask, **attention, n_head=n_head, eps=eps, k=k, tap=tap, name=name + ".attention")
-    h = k[act](linear(a, **intermediate["dense"]))  # [B, T, I]
-    y = linear(h, **output["dense"])  # [B, T, H]
-    out = k["layernorm"](y, a, output["LayerNorm"]["weight"], output["LayerNorm"]["bias"], eps)  # [B, T, H]
+def layer(x, batch: Batch, *, attention: Dict, intermediate: Dict, output: Dict, n_head, eps, act, k,
+          keep_probs=False, tap=None, name=""):
+    # [N, H] -> [N, H], [B, nH, T, T] or None
+    a, probs = attention_block(x, batch, **attention, n_head=n_head, eps=eps, k=k, keep_probs=keep_probs, tap=tap,
+                               name=name + ".attention")
+    inter, dense, ln = intermediate["dense"], output["dense"], output["LayerNorm"]
+    h = k[act](gemm(a, inter["weight"]), inter["bias"])  # [N, I]: act(a·Wᵀ + b), bias fused
+    out = k["layernorm"](gemm(h, dense["weight"]), a, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
     if tap:
-        tap(name + ".intermediate", h)
-        tap(name + ".output", out)
+        tap(name + ".intermediate", batch.unpack(h))
+        tap(name + ".output", batch.unpack(out))
     return out, probs
 
 
@@ -155,29 +267,43 @@ def lm_head(h, *, transform, decoder, bias, eps, act, k):  # [..., H] -> [..., V
 
 def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, *, n_head: int, eps: float,
          act: str, k: Dict, output_hidden_states: bool = False, output_attentions: bool = False,
-         tap: Optional[Taps] = None):
+         tap: Optional[Taps] = None, skip_padding: bool = True):
     """The whole BertModel. Inputs are checked int64 [B, T] arrays (``attention_mask`` 0/1 in the
     compute dtype). Returns a dict of last_hidden_state [B, T, H], pooler_output [B, H] or None,
     hidden_states (L + 1 of [B, T, H]) or None, attentions (L of [B, nH, T, T]) or None, and
-    captures ({tap name: array}) or None."""
+    captures ({tap name: array}) or None.
+
+    ``skip_padding`` (the default): a batch with padding runs packed (see :class:`Batch`), and
+    the outputs hold zeros at padding positions; valid positions are unchanged. Asking for
+    attentions or captures, or ``skip_padding=False``, runs the dense batch as transformers does,
+    whose padding positions hold values computed from the pad tokens."""
     dtype = params["embeddings"]["LayerNorm"]["weight"].dtype
-    mask = additive_mask(attention_mask, dtype)  # [B, T]
-    x = embeddings(input_ids, token_type_ids, position_ids, **params["embeddings"], eps=eps, k=k)  # [B, T, H]
     wanted, tap = tap, (tap or None)  # an empty Taps runs like None and still returns {}
+    valid = attention_mask != 0  # [B, T]
+    B, T = valid.shape
+    if skip_padding and not (output_attentions or tap) and not valid.all():
+        batch = Batch.packed(valid)
+        ids, tt, pos = (a.reshape(-1)[batch.rows] for a in (input_ids, token_type_ids, position_ids))  # [N]
+    else:
+        batch = Batch.dense(additive_mask(attention_mask, dtype))
+        ids, tt, pos = (a.reshape(-1) for a in (input_ids, token_type_ids, position_ids))  # [B·T]
+    x = embeddings(ids, tt, pos, **params["embeddings"], eps=eps, k=k)  # [N, H]
     if tap:
-        tap("embeddings", x)
+        tap("embeddings", batch.unpack(x))
     # intermediates are kept only when asked for: nothing of a layer outlives the next one otherwise
-    hidden: List[np.ndarray] = [x] if output_hidden_states else []
+    hidden: List[np.ndarray] = [batch.unpack(x)] if output_hidden_states else []
     attentions: List[np.ndarray] = []
     for i, lp in enumerate(params["encoder"]["layer"]):
-        x, probs = layer(x, mask, **lp, n_head=n_head, eps=eps, act=act, k=k, tap=tap, name=f"encoder.layer.{i}")
+        x, probs = layer(x, batch, **lp, n_head=n_head, eps=eps, act=act, k=k, keep_probs=output_attentions,
+                         tap=tap, name=f"encoder.layer.{i}")
         if output_hidden_states:
-            hidden.append(x)
+            hidden.append(batch.unpack(x))
         if output_attentions:
             attentions.append(probs)
-    pooled: Optional[np.ndarray] = pooler(x, **params["pooler"], tap=tap) if params.get("pooler") else None
+    last = hidden[-1] if output_hidden_states else batch.unpack(x)  # [B, T, H]
+    pooled: Optional[np.ndarray] = pooler(last, **params["pooler"], tap=tap) if params.get("pooler") else None
     return {
-        "last_hidden_state": x,
+        "last_hidden_state": last,
         "pooler_output": pooled,
         "hidden_states": tuple(hidden) if output_hidden_states else None,
         "attentions": tuple(attentions) if output_attentions else None,

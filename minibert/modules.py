@@ -171,6 +171,13 @@ class BertEmbeddings(Module):
         return F.embeddings(input_ids, token_type_ids, position_ids, **self._params, eps=self._cfg.layer_norm_eps, k=self._k)
 
 
+def _dense(fn, x, mask, **kw):  # a [B, T, H] batch with its additive mask through an encoder function
+    x = np.asarray(x)
+    B, T, H = x.shape
+    y, probs = fn(np.ascontiguousarray(x).reshape(B * T, H), F.Batch.dense(np.asarray(mask)), keep_probs=True, **kw)
+    return y.reshape(B, T, H), probs
+
+
 class BertSelfAttention(Module):
     def __init__(self, p, config, k):
         super().__init__(p)
@@ -179,7 +186,7 @@ class BertSelfAttention(Module):
             self._add(name, Linear(p[name]))
 
     def __call__(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
-        return F.self_attention(x, mask, **self._params, n_head=self._cfg.num_attention_heads, k=self._k)
+        return _dense(F.self_attention, x, mask, **self._params, n_head=self._cfg.num_attention_heads, k=self._k)
 
 
 class BertSelfOutput(Module):
@@ -198,7 +205,8 @@ class BertAttention(Module):
 
     def __call__(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
         c = self._cfg
-        return F.attention_block(x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps, k=self._k)
+        return _dense(F.attention_block, x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps,
+                      k=self._k)
 
 
 class BertIntermediate(Module):
@@ -226,8 +234,8 @@ class BertLayer(Module):
 
     def __call__(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
         c = self._cfg
-        return F.layer(x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps,
-                       act=ACTIVATIONS[c.hidden_act], k=self._k)
+        return _dense(F.layer, x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps,
+                      act=ACTIVATIONS[c.hidden_act], k=self._k)
 
 
 class BertEncoder(Module):

@@ -72,22 +72,73 @@ def _widen_bfloat16(raw: bytes, shape) -> np.ndarray:
     return bits.view(np.float32).reshape(shape)
 
 
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+              "U8": "u1", "BOOL": "?"}
+
+
+def _map_file(path: Path, names) -> Dict[str, np.ndarray]:
+    """Zero-copy views of the tensors ``names`` of one safetensors file (which the safetensors
+    library has already validated): the 8-byte header length, the JSON header with each tensor's
+    dtype, shape and byte range, then the data. The file is mapped copy-on-write, so the arrays are
+    writable and a write never reaches the file; pages are read from disk only when touched and
+    are shared with the OS's page cache, so the weights are in memory once."""
+    with open(path, "rb") as fh:
+        (n,) = np.frombuffer(fh.read(8), dtype="<u8")
+        header = json.loads(fh.read(int(n)))
+    mm = np.memmap(path, dtype=np.uint8, mode="c")
+    start = 8 + int(n)
+    out = {}
+    for name in names:
+        info = header[name]
+        lo, hi = info["data_offsets"]
+        out[name] = mm[start + lo:start + hi].view(_NP_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def release_pages(*arrays) -> None:
+    """Tell the OS it may drop the file pages behind memory-mapped ``arrays`` that are no longer
+    used (after a copy was made of them): they leave the process's RSS and are read from the file
+    again only if touched. Arrays not mapped from a file are left alone."""
+    import mmap
+
+    for arr in arrays:
+        base = arr
+        while base is not None and not isinstance(base, np.memmap):
+            base = getattr(base, "base", None)
+        mm = getattr(base, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            continue
+        start = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0] + base.offset
+        page = mmap.PAGESIZE
+        lo = -(-start // page) * page  # whole pages inside the array only
+        hi = (start + arr.nbytes) // page * page
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def read_safetensors(files: Iterable[Path]) -> Dict[str, np.ndarray]:
-    """Every tensor of every file, as NumPy arrays (memory-mapped by the safetensors library)."""
+    """Every tensor of every file as a NumPy array: memory-mapped, not copied (bfloat16, which
+    NumPy has no dtype for, is widened to a float32 copy)."""
     from safetensors import SafetensorError, deserialize, safe_open
 
     tensors: Dict[str, np.ndarray] = {}
     for path in files:
         try:
+            # the library validates the file (header, offsets, sizes) and tells each dtype; its NumPy
+            # get_tensor copies, so the data itself is mapped by _map_file
             with safe_open(str(path), framework="np") as f:
-                bf16 = []
+                bf16, mapped = [], []
                 for k in f.keys():
-                    if k in tensors:
+                    if k in tensors or k in mapped or k in bf16:
                         raise CheckpointError(f"tensor {k!r} appears in more than one file ({path})")
-                    if f.get_slice(k).get_dtype() == "BF16":
+                    dt = f.get_slice(k).get_dtype()
+                    if dt == "BF16":
                         bf16.append(k)
+                    elif dt in _NP_DTYPES:
+                        mapped.append(k)
                     else:
                         tensors[k] = f.get_tensor(k)
+            tensors.update(_map_file(path, mapped))
             if bf16:
                 wanted = set(bf16)
                 for name, info in deserialize(path.read_bytes()):

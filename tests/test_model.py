@@ -60,15 +60,83 @@ def test_parity_with_transformers(checkpoint, kernels, dtype, inputs):
     compare_all(ours, theirs, TOL["fp32" if dtype == "float32" else "fp64"], f"{name}/{kernels}/{dtype}/{inputs}")
 
 
-def test_outputs_at_padding_positions_match(tiny_dir):
-    """transformers computes every position, padding included; so do we."""
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("inputs", ["padded", "pairs", "position_ids"])
+def test_packed_batches_match_transformers_at_valid_positions(checkpoint, kernels, dtype, inputs):
+    """The default path on a padded batch: valid tokens packed, attention per sequence. Every valid
+    position matches transformers; padding positions are exactly zero."""
+    name, path, cfg = checkpoint
+    rng = np.random.default_rng(2)
+    ids, mask, tt = random_batch(rng, cfg, B=4, T=13, pairs=(inputs == "pairs"))
+    pos = rng.integers(0, cfg["max_position_embeddings"], size=ids.shape) if inputs == "position_ids" else None
+    ours = BertModel.from_pretrained(path, dtype=dtype, kernels=kernels)(
+        ids, attention_mask=mask, token_type_ids=tt, position_ids=pos, output_hidden_states=True)
+    theirs = hf_forward(hf_model(path, dtype), input_ids=ids, attention_mask=mask, token_type_ids=tt, position_ids=pos)
+    tol, valid, what = TOL["fp32" if dtype == "float32" else "fp64"], mask == 1, f"{name}/{kernels}/{dtype}/{inputs}"
+    assert (~valid).any() and ours.attentions is None
+    assert_close(ours.last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid], tol, f"{what} packed")
+    assert_close(ours.pooler_output, theirs.pooler_output.numpy(), tol, f"{what} packed pooler")
+    for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
+        assert_close(a[valid], b.numpy()[valid], tol, f"{what} packed hidden_states[{i}]")
+        assert not a[~valid].any(), f"{what}: hidden_states[{i}] is not zero at padding positions"
+
+
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+def test_packed_left_padding_and_holes(tiny_dir, kernels):
+    """Valid tokens need not be a prefix: left padding and a mask with holes pack the same way."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, TINY["vocab_size"], size=(4, 8))
+    mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1, 1, 1], [1] * 8, [1, 1, 0, 0, 0, 0, 0, 0]])
+    ours = BertModel.from_pretrained(tiny_dir, kernels=kernels)(ids, attention_mask=mask)
+    theirs = hf_forward(hf_model(tiny_dir), input_ids=ids, attention_mask=mask)
+    valid = mask == 1
+    assert_close(ours.last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid], TOL["fp32"], "packed holes")
+    assert not ours.last_hidden_state[~valid].any()
+
+
+def test_outputs_at_padding_positions_match_with_skip_padding_off(tiny_dir):
+    """skip_padding=False computes every position, padding included, as transformers does."""
     rng = np.random.default_rng(3)
     ids, mask, _ = random_batch(rng, TINY, B=4, T=9)
     assert (mask == 0).any()
-    ours = BertModel.from_pretrained(tiny_dir)(ids, attention_mask=mask)
     theirs = hf_forward(hf_model(tiny_dir), input_ids=ids, attention_mask=mask)
     pad = mask == 0
-    assert_close(ours.last_hidden_state[pad], theirs.last_hidden_state.numpy()[pad], TOL["fp32"], "padding positions")
+    model = BertModel.from_pretrained(tiny_dir, skip_padding=False)
+    assert model.skip_padding is False
+    for ours in (model(ids, attention_mask=mask), model(ids, attention_mask=mask, output_attentions=True)):
+        assert_close(ours.last_hidden_state, theirs.last_hidden_state.numpy(), TOL["fp32"], "padding positions")
+    model.skip_padding = True  # the attribute is the switch
+    assert not model(ids, attention_mask=mask).last_hidden_state[pad].any()
+
+
+def test_all_zero_mask_row_packed_is_zero_not_nan(tiny_dir):
+    ids = np.arange(14).reshape(2, 7) % TINY["vocab_size"]
+    mask = np.ones((2, 7), dtype=np.int64)
+    mask[1] = 0
+    out = BertModel.from_pretrained(tiny_dir)(ids, attention_mask=mask)
+    assert np.isfinite(out.last_hidden_state).all() and np.isfinite(out.pooler_output).all()
+    assert not out.last_hidden_state[1].any()
+    theirs = hf_forward(hf_model(tiny_dir), input_ids=ids[:1], attention_mask=mask[:1])
+    assert_close(out.last_hidden_state[:1], theirs.last_hidden_state.numpy(), TOL["fp32"], "row beside an empty one")
+
+
+def test_replacing_q_k_or_v_unfuses_the_projection(tiny_dir):
+    """Q/K/V run as one GEMM over weights fused at load; assigning one of them must take effect."""
+    import torch
+
+    rng = np.random.default_rng(6)
+    ids, mask, _ = random_batch(rng, TINY, B=2, T=6)
+    ours = BertModel.from_pretrained(tiny_dir)
+    hf = hf_model(tiny_dir)
+    w = rng.standard_normal(ours.encoder.layer[0].attention.self.key.weight.shape).astype(np.float32) * 0.1
+    ours.encoder.layer[0].attention.self.key.weight = w
+    with torch.no_grad():
+        hf.encoder.layer[0].attention.self.key.weight.copy_(torch.from_numpy(w))
+    theirs = hf_forward(hf, input_ids=ids, attention_mask=mask)
+    valid = mask == 1
+    assert_close(ours(ids, attention_mask=mask).last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid],
+                 TOL["fp32"], "after replacing key.weight")
 
 
 @pytest.mark.parametrize("kernels", ["numba", "numpy"])
@@ -116,6 +184,6 @@ def test_float64_is_closer_to_transformers_float64_than_float32(tiny_dir):
     rng = np.random.default_rng(5)
     ids, mask, _ = random_batch(rng, TINY)
     theirs = hf_forward(hf_model(tiny_dir, "float64"), input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
-    d64 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float64")(ids, mask).last_hidden_state - theirs).max()
-    d32 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float32")(ids, mask).last_hidden_state - theirs).max()
+    d64 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float64", skip_padding=False)(ids, mask).last_hidden_state - theirs).max()
+    d32 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float32", skip_padding=False)(ids, mask).last_hidden_state - theirs).max()
     assert d64 < 1e-10 < d32, f"float64 diff {d64:.2e}, float32 diff {d32:.2e}"

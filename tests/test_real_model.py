@@ -1,6 +1,7 @@
 """The real sentence-transformers/all-MiniLM-L6-v2 (packaged copy): outputs match transformers."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from conftest import TOL, assert_close, hf_forward, hf_model
@@ -22,10 +23,14 @@ def test_minilm_matches_transformers(minilm_dir, tokenizer, kernels, dtype):
     theirs = hf_forward(hf_model(minilm_dir, dtype), **x)
     tol = TOL["fp32" if dtype == "float32" else "fp64"]
     what = f"MiniLM {kernels} {dtype}"
-    assert_close(ours.last_hidden_state, theirs.last_hidden_state.numpy(), tol, f"{what} last_hidden_state")
+    # float32: the valid positions. At [PAD] positions MiniLM's hidden states carry outlier features
+    # (|h| ~ 10) where transformers' own float32 is already 8e-5 from its float64 result, so a 1e-4
+    # comparison there would measure two roundings, not parity. float64 checks every position.
+    at = (np.asarray(x["attention_mask"]) == 1) if dtype == "float32" else slice(None)
+    assert_close(ours.last_hidden_state[at], theirs.last_hidden_state.numpy()[at], tol, f"{what} last_hidden_state")
     assert_close(ours.pooler_output, theirs.pooler_output.numpy(), tol, f"{what} pooler_output")
     for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
-        assert_close(a, b.numpy(), tol, f"{what} hidden_states[{i}]")
+        assert_close(a[at], b.numpy()[at], tol, f"{what} hidden_states[{i}]")
     for i, (a, b) in enumerate(zip(ours.attentions, theirs.attentions)):
         assert_close(a, b.numpy(), tol, f"{what} attentions[{i}]")
 
@@ -35,7 +40,9 @@ def test_minilm_pairs_and_long_input(minilm_dir, tokenizer):
     x = tokenizer(first, second, padding=True)
     ours = BertModel.from_pretrained(minilm_dir)(**x)
     theirs = hf_forward(hf_model(minilm_dir), **x)
-    assert_close(ours.last_hidden_state, theirs.last_hidden_state.numpy(), TOL["fp32"], "MiniLM pairs")
+    valid = np.asarray(x["attention_mask"]) == 1  # packed by default: padding positions hold zeros
+    assert (~valid).any() and not ours.last_hidden_state[~valid].any()
+    assert_close(ours.last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid], TOL["fp32"], "MiniLM pairs")
     x = tokenizer(["lorem ipsum dolor " * 200], truncation=True)
     assert x["input_ids"].shape == (1, 512)
     ours = BertModel.from_pretrained(minilm_dir)(**x)

@@ -20,7 +20,8 @@ H = TINY["hidden_size"]
 
 @pytest.fixture(scope="module")
 def batch():
-    ids, mask, tt = random_batch(np.random.default_rng(7), TINY, B=3, T=10, pairs=True)
+    # no padding: these tests are about reading weights (padding is covered in test_model.py)
+    ids, mask, tt = random_batch(np.random.default_rng(7), TINY, B=3, T=10, pairs=True, pad=False)
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt)
 
 
