@@ -20,7 +20,9 @@ def test_kernel_benchmark_validates_times_and_writes_json(tmp_path):
     assert data["machine"]["cores"] and data["machine"]["libraries"]["numpy"]
     ran = {(row["op"], row["version"]) for row in data["results"]}
     benchmarked_ops = set(OPS)  # every registered op has a case: a new op must add one
-    assert ran == {(op, v) for op in benchmarked_ops for v in OPS[op]}
+    # and a torch row beside it (torch is installed with the test extra)
+    assert ran == {(op, v) for op in benchmarked_ops for v in [*OPS[op], "torch"]}
+    assert all(row["x_torch"] > 0 for row in data["results"])
     assert all(row["status"] == "ok" and row["ms"] > 0 for row in data["results"])
     for op in benchmarked_ops:
         assert op in r.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pathlib import Path
 import pytest
 
 from conftest import TOL, assert_close
@@ -173,3 +174,50 @@ def test_wheel_installs_kernels_only_as_minibert_kernels(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"minibert"}, tops
     assert "minibert/kernels/softmax.py" in names
+
+
+def test_numba_cache_falls_back_when_the_install_and_home_are_read_only(monkeypatch, tmp_path):
+    """A read-only install with a read-only home: the JIT cache goes to the temporary directory.
+    (As root every directory is writable, so writability is stubbed.)"""
+    from minibert.kernels import numba_cache_dir
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    assert numba_cache_dir(str(tmp_path / "pkg"), writable=lambda p: True) is None
+    only_home = numba_cache_dir(str(tmp_path / "pkg"), writable=lambda p: p.startswith(str(tmp_path / "home-cache")))
+    assert only_home is None  # Numba's own user-wide fallback works there
+    fallback = numba_cache_dir(str(tmp_path / "pkg"), writable=lambda p: False)
+    assert fallback and fallback.startswith(__import__("tempfile").gettempdir())
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    assert numba_cache_dir(str(tmp_path / "pkg"), writable=lambda p: False) is None  # the user's choice stands
+
+
+def test_kernels_compile_and_cache_from_a_read_only_copy(tmp_path):
+    """End to end, in a fresh interpreter: a copy of the package whose kernels folder cannot hold a
+    __pycache__ and a home cache that cannot be created (paths through a plain file fail even for
+    root). The kernels still run, and their compiled code is cached in the fallback folder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    site = tmp_path / "site"
+    shutil.copytree(os.path.join(root, "minibert"), site / "minibert", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(root, "kernels"), site / "minibert" / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "minibert" / "kernels" / "__pycache__").write_text("a file where the cache folder would go")
+    (tmp_path / "blocked").write_text("")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "blocked" / "cache"), TMPDIR=str(tmp),
+               PYTHONDONTWRITEBYTECODE="1")
+    code = ("import numpy as np, os; from minibert.kernels import get; import minibert.kernels as k; "
+            "assert k.__file__.startswith(os.environ['PYTHONPATH']), k.__file__; "
+            "print(get('gelu', 'numba_v2')(np.ones((2, 8), np.float32)).sum()); print(os.environ['NUMBA_CACHE_DIR'])")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    cache_dir = r.stdout.split()[-1]
+    assert cache_dir.startswith(str(tmp)), cache_dir
+    assert any(p.suffix == ".nbi" for p in Path(cache_dir).rglob("*")), "no Numba index in the fallback folder"
