@@ -151,20 +151,26 @@ def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
         t = rows.reshape(B, T, 3, n_head, dH)
         return (t[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
-    if not batch.is_packed:
-        B, T = batch.B, batch.T
-        q, kk, v = heads(qkv, B, T)
-        probs = k["masked_softmax"](q @ kk.transpose(0, 1, 3, 2), batch.mask, scale)  # [B, nH, T, T]
+    def attend(rows, out, B, T, mask):  # one block of B sequences of T rows each
+        q, kk, v = heads(rows, B, T)
+        probs = k["masked_softmax"](q @ kk.transpose(0, 1, 3, 2), mask, scale)  # [B, nH, T, T]
         # P·V written straight into the [N, H] layout: no merge-heads copy
-        np.matmul(probs, v, out=context.reshape(B, T, n_head, dH).transpose(0, 2, 1, 3))
-        return context, (probs if keep_probs else None)
-    for b in range(batch.B):  # each sequence on its own length: no padding, no mask
-        lo, hi = int(batch.starts[b]), int(batch.starts[b + 1])
-        if hi == lo:
-            continue
-        q, kk, v = heads(qkv[lo:hi], 1, hi - lo)
-        probs = k["masked_softmax"](q @ kk.transpose(0, 1, 3, 2), None, scale)  # [1, nH, L, L]
-        np.matmul(probs, v, out=context[lo:hi].reshape(1, hi - lo, n_head, dH).transpose(0, 2, 1, 3))
+        np.matmul(probs, v, out=out.reshape(B, T, n_head, dH).transpose(0, 2, 1, 3))
+        return probs
+
+    if keep_probs:  # attentions or taps asked for: the whole dense batch at once, probabilities kept
+        return context, attend(qkv, context, batch.B, batch.T, batch.mask)
+    # otherwise one sequence at a time: only one sequence's [nH, T, T] scores exist at any moment,
+    # and they are still in cache when P·V reads them. Packed sequences attend to their own rows
+    # only (no mask); a dense batch uses its mask row.
+    for b in range(batch.B):
+        if batch.is_packed:
+            lo, hi, mask = int(batch.starts[b]), int(batch.starts[b + 1]), None
+        else:
+            lo, hi = b * batch.T, (b + 1) * batch.T
+            mask = None if batch.mask is None else batch.mask[b:b + 1]
+        if hi > lo:
+            attend(qkv[lo:hi], context[lo:hi], 1, hi - lo, mask)
     return context, None
 
 
@@ -180,7 +186,8 @@ def self_attention(x, batch: Batch, *, query, key, value, n_head, k, keep_probs=
         tap(name + ".value", v)
         if tap.wants(name + ".scores"):  # the one intermediate the fused softmax never materializes
             scale = q.dtype.type(q.shape[-1] ** -0.5)
-            tap(name + ".scores", (q @ kk.transpose(0, 1, 3, 2)) * scale + batch.mask[:, None, None, :])
+            scores = (q @ kk.transpose(0, 1, 3, 2)) * scale
+            tap(name + ".scores", scores if batch.mask is None else scores + batch.mask[:, None, None, :])
         tap(name + ".probs", probs)
         tap(name + ".context", context.reshape(B, T, H))
     return context, probs
@@ -284,8 +291,8 @@ def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, 
     if skip_padding and not (output_attentions or tap) and not valid.all():
         batch = Batch.packed(valid)
         ids, tt, pos = (a.reshape(-1)[batch.rows] for a in (input_ids, token_type_ids, position_ids))  # [N]
-    else:
-        batch = Batch.dense(additive_mask(attention_mask, dtype))
+    else:  # no additive mask at all without padding: adding zeros would change nothing
+        batch = Batch(B, T, mask=None if valid.all() else additive_mask(attention_mask, dtype))
         ids, tt, pos = (a.reshape(-1) for a in (input_ids, token_type_ids, position_ids))  # [B·T]
     x = embeddings(ids, tt, pos, **params["embeddings"], eps=eps, k=k)  # [N, H]
     if tap:
