@@ -1,0 +1,151 @@
+"""Start-up time and peak memory, each measured in fresh processes.
+
+    python -m benchmarks.footprint [--repeats 5] [--threads 2] [--output FILE]
+
+Start-up: wall time and peak RSS of ``minibert encode "hello"`` on the default model (the packaged
+all-MiniLM-L6-v2), from process start to exit, against the same job done with transformers
+(AutoTokenizer + AutoModel + one forward pass). "cold" runs with an empty Numba cache (a fresh
+NUMBA_CACHE_DIR: every kernel it needs is compiled); "warm" runs with the cache filled by the runs
+before it. Medians of ``--repeats`` runs.
+
+Memory: peak RSS of one process that loads bert-base (random weights, see benchmarks.model) and
+runs one (8, 512) forward pass, minibert against PyTorch + transformers; the baseline RSS of the
+bare interpreter with the library imported is reported beside it.
+
+Peak RSS is the kernel's ``ru_maxrss`` of the child process (os.wait4), so nothing is sampled.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from .common import machine, versions, write_json
+
+TORCH_ENCODE = """
+import sys
+from transformers import AutoModel, AutoTokenizer
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModel.from_pretrained(sys.argv[1]).eval()
+with torch.inference_mode():
+    out = model(**tok(["hello"], return_tensors="pt"))
+print(out.last_hidden_state.mean(dim=1)[0, :4].tolist())
+"""
+
+PEAK = """
+import sys, numpy as np
+engine, path, threads, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ids = np.random.default_rng(0).integers(1000, 20000, size=(B, T))
+if engine == "import-minibert":
+    import minibert
+elif engine == "import-torch":
+    import torch, transformers
+elif engine == "minibert":
+    import minibert
+    minibert.set_num_threads(threads)
+    out = minibert.BertModel.from_pretrained(path)(ids).last_hidden_state
+else:
+    import torch, transformers
+    torch.set_num_threads(threads)
+    m = transformers.BertModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    with torch.inference_mode():
+        out = m(input_ids=torch.from_numpy(ids)).last_hidden_state
+"""
+
+
+def run_rusage(cmd, env=None):
+    """(wall seconds, peak RSS MB) of one child, from os.wait4's rusage of exactly that child."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({p.returncode}): {err[-2000:]}")
+    return wall, ru.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def startup(repeats, threads):
+    from .model import minilm_dir
+
+    rows = []
+    cli = [sys.executable, "-m", "minibert", "encode", "--threads", str(threads), "hello"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = []
+        for i in range(repeats):  # each cold run gets an empty cache of its own
+            env = {**os.environ, "NUMBA_CACHE_DIR": os.path.join(tmp, f"cold{i}"), "HF_HUB_OFFLINE": "1"}
+            cold.append(run_rusage(cli, env))
+        env = {**os.environ, "NUMBA_CACHE_DIR": os.path.join(tmp, "warm"), "HF_HUB_OFFLINE": "1"}
+        run_rusage(cli, env)  # fills the cache
+        warm = [run_rusage(cli, env) for _ in range(repeats)]
+    torch_runs = []
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        cmd = [sys.executable, "-c", TORCH_ENCODE, str(minilm_dir()), str(threads)]
+        torch_runs = [run_rusage(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(repeats)]
+    except ImportError:
+        pass
+    for name, runs in (("minibert encode, cold JIT cache", cold), ("minibert encode, warm JIT cache", warm),
+                       ("transformers + torch, same job", torch_runs)):
+        if runs:
+            rows.append(dict(what=name, wall_s=statistics.median(r[0] for r in runs),
+                             peak_rss_mb=statistics.median(r[1] for r in runs), runs=len(runs),
+                             all_wall_s=[r[0] for r in runs]))
+    return rows
+
+
+def memory(threads, B=8, T=512):
+    from .model import model_dir
+
+    path = str(model_dir("base"))
+    rows = []
+    for engine, label in (("import-minibert", "python + import minibert"), ("minibert", f"minibert bert-base ({B}, {T})"),
+                          ("import-torch", "python + import torch, transformers"),
+                          ("torch", f"PyTorch bert-base ({B}, {T})")):
+        if "torch" in engine:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                continue
+        wall, rss = run_rusage([sys.executable, "-c", PEAK, engine, path, str(threads), str(B), str(T)])
+        rows.append(dict(what=label, peak_rss_mb=rss, wall_s=wall))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.footprint", description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--skip-memory", action="store_true", help="start-up only")
+    p.add_argument("--output", default="benchmarks/results/footprint.json")
+    a = p.parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rows = startup(a.repeats, a.threads)
+    print(f"{'start-up (process start to exit)':44s} {'wall s':>8s} {'peak RSS MB':>12s}")
+    for r in rows:
+        print(f"{r['what']:44s} {r['wall_s']:8.2f} {r['peak_rss_mb']:12.0f}")
+    mem = [] if a.skip_memory else memory(a.threads)
+    if mem:
+        print(f"\n{'peak memory':44s} {'wall s':>8s} {'peak RSS MB':>12s}")
+        for r in mem:
+            print(f"{r['what']:44s} {r['wall_s']:8.2f} {r['peak_rss_mb']:12.0f}")
+    info = machine()
+    info["libraries"].update(versions("safetensors", "tokenizers"))
+    path = write_json(a.output, dict(benchmark="footprint", started=started, threads=a.threads, repeats=a.repeats,
+                                     machine=info, startup=rows, memory=mem))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
