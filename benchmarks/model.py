@@ -239,8 +239,17 @@ class Engine:
 
         ctx = mp.get_context("spawn")
         self.name, (self.conn, child) = name, ctx.Pipe()
+        if name == "minibert":  # what `import minibert` sets when it comes before NumPy, as in the CLI
+            env = {"OPENBLAS_THREAD_TIMEOUT": "20", **env}
         self.proc = ctx.Process(target=_worker, args=(child, name, str(path), threads, env), daemon=True)
-        self.proc.start()
+        saved = dict(os.environ)
+        try:  # the child starts with this environment (OpenBLAS reads it when NumPy loads, before _worker runs)
+            os.environ.clear()
+            os.environ.update(env)
+            self.proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
     def ready(self):
         return self.conn.recv()

@@ -1,10 +1,12 @@
 """Scaled, masked softmax over the last axis: the probabilities of BERT's attention.
 
-Signature of every version: ``masked_softmax(scores, mask, scale) -> probs`` with
+Signature of every version: ``masked_softmax(scores, mask, scale, out=None) -> probs`` with
 ``scores`` [B, nH, Tq, Tk] (raw q·kᵀ), ``mask`` [B, Tk] additive (0 where a key is attended,
 ``finfo(dtype).min`` where it is padding) or None, ``scale`` a float (head_dim ** -0.5).
 ``probs = softmax(scores · scale + mask[:, None, None, :])`` in that order, as transformers'
-eager attention computes it.
+eager attention computes it. ``out`` (an array like ``scores``, which may be ``scores`` itself)
+receives the result: the model normalizes the scores in place, so a sequence's [nH, T, T] block
+is written once, not copied into a second one.
 
 Why finfo.min and not -inf: a row whose keys are all padding must stay finite. With finfo.min
 every score of such a row rounds to the same value and the softmax is uniform, which is what
@@ -29,14 +31,23 @@ from .fastmath import fexp
 from .registry import register
 
 
+def _out_like(scores, out):
+    if out is None:
+        return np.empty_like(scores)
+    if out.shape != scores.shape or out.dtype != scores.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {scores.dtype} array of shape {scores.shape}; "
+                         f"got {out.dtype} {out.shape}")
+    return out
+
+
 @register("masked_softmax", "numpy")
-def masked_softmax_numpy(scores, mask, scale):
+def masked_softmax_numpy(scores, mask, scale, out=None):
     s = scores * scores.dtype.type(scale)  # [B, nH, Tq, Tk]
     if mask is not None:
         s = s + mask[:, None, None, :]
     s = s - s.max(axis=-1, keepdims=True)
     e = np.exp(s)
-    return e / e.sum(axis=-1, keepdims=True)
+    return np.divide(e, e.sum(axis=-1, keepdims=True), out=None if out is None else _out_like(scores, out))
 
 
 @njit(cache=True)
@@ -63,9 +74,9 @@ def _masked_softmax_rows(s, mask, has_mask, scale, out):
 
 
 @register("masked_softmax", "numba")
-def masked_softmax_numba(scores, mask, scale):
+def masked_softmax_numba(scores, mask, scale, out=None):
     scores = np.ascontiguousarray(scores)
-    out = np.empty_like(scores)
+    out = _out_like(scores, out)
     dt = scores.dtype.type
     if mask is None:
         dummy = np.zeros((scores.shape[0], scores.shape[3]), dtype=scores.dtype)
@@ -98,10 +109,10 @@ def _masked_softmax_v2(s, mask, scale, one, out):
 
 
 @register("masked_softmax", "numba_v2", default=True)
-def masked_softmax_numba_v2(scores, mask, scale):
+def masked_softmax_numba_v2(scores, mask, scale, out=None):
     scores = np.ascontiguousarray(scores)
     B, nH, Tq, Tk = scores.shape
-    out = np.empty_like(scores)
+    out = _out_like(scores, out)  # may be scores: each row is read before it is written
     if scores.size == 0:
         return out
     dt = scores.dtype.type

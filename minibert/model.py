@@ -153,7 +153,8 @@ def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
 
     def attend(rows, out, B, T, mask):  # one block of B sequences of T rows each
         q, kk, v = heads(rows, B, T)
-        probs = k["masked_softmax"](q @ kk.transpose(0, 1, 3, 2), mask, scale)  # [B, nH, T, T]
+        scores = q @ kk.transpose(0, 1, 3, 2)  # [B, nH, T, T]
+        probs = k["masked_softmax"](scores, mask, scale, out=scores)  # normalized in place
         # P·V written straight into the [N, H] layout: no merge-heads copy
         np.matmul(probs, v, out=out.reshape(B, T, n_head, dH).transpose(0, 2, 1, 3))
         return probs

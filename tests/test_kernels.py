@@ -221,3 +221,20 @@ def test_kernels_compile_and_cache_from_a_read_only_copy(tmp_path):
     cache_dir = r.stdout.split()[-1]
     assert cache_dir.startswith(str(tmp)), cache_dir
     assert any(p.suffix == ".nbi" for p in Path(cache_dir).rglob("*")), "no Numba index in the fallback folder"
+
+
+@pytest.mark.parametrize("version", available("masked_softmax"))
+def test_masked_softmax_in_place_and_into_out(version):
+    rng = np.random.default_rng(8)
+    s = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)
+    mask = np.zeros((2, 7), np.float32)
+    mask[1, 4:] = np.finfo(np.float32).min
+    ref = get("masked_softmax", "numpy")(s, mask, 0.3)
+    out = np.empty_like(s)
+    assert get("masked_softmax", version)(s, mask, 0.3, out=out) is out
+    assert_close(out, ref, TOL["kernel_fp32"], f"masked_softmax/{version} out=")
+    inplace = s.copy()
+    get("masked_softmax", version)(inplace, mask, 0.3, out=inplace)
+    assert_close(inplace, ref, TOL["kernel_fp32"], f"masked_softmax/{version} in place")
+    with pytest.raises(ValueError, match="out must be"):
+        get("masked_softmax", version)(s, mask, 0.3, out=np.empty((2, 3, 5, 6), np.float32))
