@@ -1,1 +1,11 @@
-"""Benchmarks: run as ``python -m benchmarks.kernels`` from the repository root."""
+"""Benchmarks of minibert: kernels, whole models against their peers, start-up and memory."""
+import os
+import sys
+
+# What `import minibert` does when it comes before NumPy (as in the CLI): OpenBLAS's idle threads
+# stop spinning after ~0.3 ms instead of ~0.1 s (see minibert/__init__.py). The benchmark modules
+# import NumPy first, so it is set here, before they load. The peers compute with their own
+# libraries (MKL/oneDNN, MLAS), not NumPy's OpenBLAS, so it changes nothing for them.
+ORIGINAL_ENV = dict(os.environ)
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")

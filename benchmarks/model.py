@@ -402,7 +402,9 @@ def main(argv=None):
         p.error(f"unknown engine(s) {unknown}; known: {list(ENGINES)}")
     models = ["base", "minilm"] if a.model == "all" else [a.model]
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    env = dict(os.environ)  # as the user started us: minibert's import sets its own defaults in its process only
+    from . import ORIGINAL_ENV
+
+    env = ORIGINAL_ENV  # as the user started us: minibert's import sets its own defaults in its process only
     peak = sgemm_peak(a.threads)
     rows, skipped = [], {}
     for m in models:
