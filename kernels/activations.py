@@ -7,7 +7,7 @@ Versions, each with the reference's signature ``f(x, bias=None) -> y`` computing
   elements (slow, but exact in float64 and written for clarity).
 - ``numba``: one ``@njit(cache=True)`` loop over the flattened array. No ``fastmath``: the exact
   GELU must match torch's erf to fp32 rounding and fp64 parity is held to 1e-10.
-- ``numba_v2`` (GELU forms and SiLU, the default): float32 erf/exp as vectorizable multiply-adds
+- ``numba_v2`` (the default for all four): float32 erf/exp as vectorizable multiply-adds
   (fastmath.py), a ``prange`` over the rows on both cores, the bias added in the same pass;
   float64 keeps math.erf/math.exp. See below.
 
@@ -109,7 +109,7 @@ def _elementwise(loop):
 
 gelu_numba = register("gelu", "numba")(_elementwise(_gelu_loop))
 gelu_tanh_numba = register("gelu_tanh", "numba")(_elementwise(_gelu_tanh_loop))
-relu_numba = register("relu", "numba", default=True)(_elementwise(_relu_loop))
+relu_numba = register("relu", "numba")(_elementwise(_relu_loop))
 silu_numba = register("silu", "numba")(_elementwise(_silu_loop))
 
 
@@ -140,6 +140,14 @@ def _gelu_tanh_v2(x, b, out, one, two, c, k):
             v = src[j] + b[j]
             u = c * (v + k * v * v * v)
             dst[j] = v / (one + fexp(-two * u))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _relu_v2(x, b, out, zero):
+    for r in prange(x.shape[0]):
+        src, dst = x[r], out[r]
+        for j in range(src.size):
+            dst[j] = max(src[j] + b[j], zero)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -179,6 +187,14 @@ def gelu_tanh_numba_v2(x, bias=None):
     x, x2, b, out = _rows(x, bias)
     dt = x.dtype.type
     _gelu_tanh_v2(x2, b, out.reshape(x2.shape), dt(1.0), dt(2.0), dt(_SQRT_2_OVER_PI), dt(0.044715))
+    return out
+
+
+@register("relu", "numba_v2", default=True)
+def relu_numba_v2(x, bias=None):
+    """ReLU over all threads, bias fused (v1 adds the bias in a NumPy pass of its own first)."""
+    x, x2, b, out = _rows(x, bias)
+    _relu_v2(x2, b, out.reshape(x2.shape), x.dtype.type(0))
     return out
 
 
