@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import fexp, ferf
+from .parallel import launch
 from .registry import register
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -177,7 +178,7 @@ def gelu_numba_v2(x, bias=None):
     """Exact-form GELU with a vectorized float32 erf, over all threads, bias fused."""
     x, x2, b, out = _rows(x, bias)
     dt = x.dtype.type
-    _gelu_v2(x2, b, out.reshape(x2.shape), dt(0.5), dt(1.0), dt(_SQRT_HALF))
+    launch(_gelu_v2, x2.size, x2, b, out.reshape(x2.shape), dt(0.5), dt(1.0), dt(_SQRT_HALF))
     return out
 
 
@@ -186,7 +187,8 @@ def gelu_tanh_numba_v2(x, bias=None):
     """tanh-form GELU with tanh from a vectorized float32 exp, over all threads, bias fused."""
     x, x2, b, out = _rows(x, bias)
     dt = x.dtype.type
-    _gelu_tanh_v2(x2, b, out.reshape(x2.shape), dt(1.0), dt(2.0), dt(_SQRT_2_OVER_PI), dt(0.044715))
+    launch(_gelu_tanh_v2, x2.size, x2, b, out.reshape(x2.shape), dt(1.0), dt(2.0), dt(_SQRT_2_OVER_PI),
+           dt(0.044715))
     return out
 
 
@@ -194,7 +196,7 @@ def gelu_tanh_numba_v2(x, bias=None):
 def relu_numba_v2(x, bias=None):
     """ReLU over all threads, bias fused (v1 adds the bias in a NumPy pass of its own first)."""
     x, x2, b, out = _rows(x, bias)
-    _relu_v2(x2, b, out.reshape(x2.shape), x.dtype.type(0))
+    launch(_relu_v2, x2.size, x2, b, out.reshape(x2.shape), x.dtype.type(0))
     return out
 
 
@@ -202,5 +204,5 @@ def relu_numba_v2(x, bias=None):
 def silu_numba_v2(x, bias=None):
     """SiLU with a vectorized float32 exp, over all threads, bias fused."""
     x, x2, b, out = _rows(x, bias)
-    _silu_v2(x2, b, out.reshape(x2.shape), x.dtype.type(1.0))
+    launch(_silu_v2, x2.size, x2, b, out.reshape(x2.shape), x.dtype.type(1.0))
     return out

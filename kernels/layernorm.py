@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .parallel import launch
 from .registry import register
 
 
@@ -107,6 +108,6 @@ def layernorm_numba_v2(x, residual, weight, bias, eps, x_bias=None):
     # no residual: add a zero row (x + 0 is x); a broadcast view costs no memory
     r2 = (np.broadcast_to(zeros, x2.shape) if residual is None
           else np.ascontiguousarray(residual, dtype=dt).reshape(x2.shape))
-    _layernorm_v2(x2, xb, r2, np.ascontiguousarray(weight, dtype=dt), np.ascontiguousarray(bias, dtype=dt),
-                  dt.type(eps), out)
+    launch(_layernorm_v2, x2.size, x2, xb, r2, np.ascontiguousarray(weight, dtype=dt),
+           np.ascontiguousarray(bias, dtype=dt), dt.type(eps), out)
     return out.reshape(shape)

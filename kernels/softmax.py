@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import fexp
+from .parallel import launch
 from .registry import register
 
 
@@ -117,5 +118,6 @@ def masked_softmax_numba_v2(scores, mask, scale, out=None):
         return out
     dt = scores.dtype.type
     m = np.zeros((B, Tk), dtype=scores.dtype) if mask is None else np.ascontiguousarray(mask, dtype=scores.dtype)
-    _masked_softmax_v2(scores.reshape(B * nH * Tq, Tk), m, dt(scale), dt(1.0), out.reshape(B * nH * Tq, Tk))
+    launch(_masked_softmax_v2, scores.size, scores.reshape(B * nH * Tq, Tk), m, dt(scale), dt(1.0),
+           out.reshape(B * nH * Tq, Tk))
     return out

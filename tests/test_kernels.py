@@ -238,3 +238,18 @@ def test_masked_softmax_in_place_and_into_out(version):
     assert_close(inplace, ref, TOL["kernel_fp32"], f"masked_softmax/{version} in place")
     with pytest.raises(ValueError, match="out must be"):
         get("masked_softmax", version)(s, mask, 0.3, out=np.empty((2, 3, 5, 6), np.float32))
+
+
+def test_small_inputs_run_on_one_thread_and_restore_the_count():
+    """Below SERIAL_BELOW elements a v2 kernel runs on the calling thread; the thread count the user
+    set is back afterwards, and big inputs still see it."""
+    import numba
+
+    from minibert.kernels.parallel import SERIAL_BELOW, launch
+
+    seen = []
+    launch(lambda: seen.append(numba.get_num_threads()), SERIAL_BELOW - 1)
+    launch(lambda: seen.append(numba.get_num_threads()), SERIAL_BELOW)
+    assert seen == [1, numba.get_num_threads()]
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    assert_close(get("gelu", "numba_v2")(x), get("gelu", "numpy")(x), TOL["kernel_fp32"], "small gelu")
