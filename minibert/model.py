@@ -1,7 +1,8 @@
 """BERT's forward pass as plain functions over NumPy arrays.
 
 Shape glossary: B batch, T tokens, H hidden, nH heads, dH head dim (H / nH), I intermediate,
-L layers, V vocabulary.
+L layers, V vocabulary, N rows of the encoder's activations: B·T for a dense batch, the number of
+valid tokens when a padded batch runs packed (see :class:`Batch`).
 
 Taps: every function takes ``tap`` (a :class:`Taps`, or None for none) and the module path
 ``name`` it runs under, and hands its named intermediates to ``tap`` (see :func:`tap_names`).
