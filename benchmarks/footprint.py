@@ -13,6 +13,10 @@ runs one (8, 512) forward pass, minibert against PyTorch + transformers; the bas
 bare interpreter with the library imported is reported beside it.
 
 Peak RSS is the kernel's ``ru_maxrss`` of the child process (os.wait4), so nothing is sampled.
+
+SciPy matters to the start-up although minibert does not use it: when it is installed, Numba
+imports ``scipy.linalg.cython_blas`` while loading its first cached kernel (about 0.17 s here). A
+user's ``pip install`` has no SciPy; a development environment often has. The output says which.
 """
 from __future__ import annotations
 
@@ -131,6 +135,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = startup(a.repeats, a.threads)
+    import importlib.util
+
+    scipy = importlib.util.find_spec("scipy") is not None
+    print(f"python: {sys.executable}; SciPy installed: {'yes' if scipy else 'no'}")
     print(f"{'start-up (process start to exit)':44s} {'wall s':>8s} {'peak RSS MB':>12s}")
     for r in rows:
         print(f"{r['what']:44s} {r['wall_s']:8.2f} {r['peak_rss_mb']:12.0f}")
@@ -142,7 +150,8 @@ def main(argv=None):
     info = machine()
     info["libraries"].update(versions("safetensors", "tokenizers"))
     path = write_json(a.output, dict(benchmark="footprint", started=started, threads=a.threads, repeats=a.repeats,
-                                     machine=info, startup=rows, memory=mem))
+                                     python=sys.executable, scipy_installed=scipy, machine=info, startup=rows,
+                                     memory=mem))
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
