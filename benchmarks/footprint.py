@@ -12,7 +12,9 @@ Memory: peak RSS of one process that loads bert-base (random weights, see benchm
 runs one (8, 512) forward pass, minibert against PyTorch + transformers; the baseline RSS of the
 bare interpreter with the library imported is reported beside it.
 
-Peak RSS is the kernel's ``ru_maxrss`` of the child process (os.wait4), so nothing is sampled.
+Peak RSS is the child's own VmHWM (/proc/self/status, read at exit), so nothing is sampled. Not
+``ru_maxrss``: Linux carries the parent's peak over fork and exec into the child's, so a child of
+a big benchmark process would report the parent's size.
 
 SciPy matters to the start-up although minibert does not use it: when it is installed, Numba
 imports ``scipy.linalg.cython_blas`` while loading its first cached kernel (about 0.17 s here). A
@@ -63,40 +65,58 @@ else:
 """
 
 
-def run_rusage(cmd, env=None):
-    """(wall seconds, peak RSS MB) of one child, from os.wait4's rusage of exactly that child."""
+# runs the measured job, then reports this process's peak RSS (VmHWM, reset at exec) on stderr
+HWM = """
+import atexit, sys
+def _hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            sys.stderr.write('\\n__VMHWM_KB__ ' + line.split()[1] + '\\n')
+            sys.stderr.flush()
+atexit.register(_hwm)
+if sys.argv[1] == 'module':
+    import runpy
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+else:
+    code, sys.argv = sys.argv[2], ['-c'] + sys.argv[3:]
+    exec(compile(code, '<measured>', 'exec'), {'__name__': '__main__'})
+"""
+
+
+def run_measured(kind, target, *args, env=None):
+    """(wall seconds, peak RSS MB) of one fresh process running ``python -m target args`` (kind
+    "module") or the code ``target`` with ``args`` (kind "code")."""
+    cmd = [sys.executable, "-c", HWM, kind, target, *args]
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     wall = time.perf_counter() - t
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({p.returncode}): {err[-2000:]}")
-    return wall, ru.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+        raise RuntimeError(f"{kind} {target[:40]!r} failed ({p.returncode}): {p.stderr[-2000:]}")
+    kb = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("__VMHWM_KB__")]
+    return wall, int(kb[-1]) / 1024
 
 
 def startup(repeats, threads):
     from .model import minilm_dir
 
     rows = []
-    cli = [sys.executable, "-m", "minibert", "encode", "--threads", str(threads), "hello"]
+    cli = ("module", "minibert", "encode", "--threads", str(threads), "hello")
     with tempfile.TemporaryDirectory() as tmp:
         cold = []
         for i in range(repeats):  # each cold run gets an empty cache of its own
             env = {**os.environ, "NUMBA_CACHE_DIR": os.path.join(tmp, f"cold{i}"), "HF_HUB_OFFLINE": "1"}
-            cold.append(run_rusage(cli, env))
+            cold.append(run_measured(*cli, env=env))
         env = {**os.environ, "NUMBA_CACHE_DIR": os.path.join(tmp, "warm"), "HF_HUB_OFFLINE": "1"}
-        run_rusage(cli, env)  # fills the cache
-        warm = [run_rusage(cli, env) for _ in range(repeats)]
+        run_measured(*cli, env=env)  # fills the cache
+        warm = [run_measured(*cli, env=env) for _ in range(repeats)]
     torch_runs = []
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        cmd = [sys.executable, "-c", TORCH_ENCODE, str(minilm_dir()), str(threads)]
-        torch_runs = [run_rusage(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(repeats)]
+        torch_runs = [run_measured("code", TORCH_ENCODE, str(minilm_dir()), str(threads),
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(repeats)]
     except ImportError:
         pass
     for name, runs in (("minibert encode, cold JIT cache", cold), ("minibert encode, warm JIT cache", warm),
@@ -121,7 +141,7 @@ def memory(threads, B=8, T=512):
                 import torch  # noqa: F401
             except ImportError:
                 continue
-        wall, rss = run_rusage([sys.executable, "-c", PEAK, engine, path, str(threads), str(B), str(T)])
+        wall, rss = run_measured("code", PEAK, engine, path, str(threads), str(B), str(T))
         rows.append(dict(what=label, peak_rss_mb=rss, wall_s=wall))
     return rows
 
