@@ -95,11 +95,6 @@ def split_heads(x, n_head):  # [B, T, H] -> [B, nH, T, dH]
     return x.reshape(B, T, n_head, H // n_head).transpose(0, 2, 1, 3)
 
 
-def merge_heads(x):  # [B, nH, T, dH] -> [B, T, H]
-    B, nH, T, dH = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, T, nH * dH)
-
-
 def fuse_qkv(query, key, value):  # -> (weight [3H, H], bias [3H]) as one array each
     """Concatenate Q, K and V once so they run as one GEMM; the caller then points query, key and
     value at row blocks of the result (see :func:`fused_qkv`), so the weights stay in memory once."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Dict, Iterable, Tuple
 
@@ -72,6 +73,7 @@ def _widen_bfloat16(raw: bytes, shape) -> np.ndarray:
     return bits.view(np.float32).reshape(shape)
 
 
+_OWN_MAPS: "weakref.WeakValueDictionary[int, np.memmap]" = weakref.WeakValueDictionary()  # id -> map _map_file made
 _NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
               "U8": "u1", "BOOL": "?"}
 
@@ -86,6 +88,7 @@ def _map_file(path: Path, names) -> Dict[str, np.ndarray]:
         (n,) = np.frombuffer(fh.read(8), dtype="<u8")
         header = json.loads(fh.read(int(n)))
     mm = np.memmap(path, dtype=np.uint8, mode="c")
+    _OWN_MAPS[id(mm)] = mm
     start = 8 + int(n)
     out = {}
     for name in names:
@@ -98,13 +101,16 @@ def _map_file(path: Path, names) -> Dict[str, np.ndarray]:
 def release_pages(*arrays) -> None:
     """Tell the OS it may drop the file pages behind memory-mapped ``arrays`` that are no longer
     used (after a copy was made of them): they leave the process's RSS and are read from the file
-    again only if touched. Arrays not mapped from a file are left alone."""
+    again only if touched. Only maps this module made (read-only use, copy-on-write) qualify: a
+    caller's own copy-on-write map could hold changes that dropping its pages would undo."""
     import mmap
 
     for arr in arrays:
         base = arr
         while base is not None and not isinstance(base, np.memmap):
             base = getattr(base, "base", None)
+        if base is None or _OWN_MAPS.get(id(base)) is not base:
+            continue
         mm = getattr(base, "_mmap", None)
         if mm is None or not hasattr(mm, "madvise"):
             continue

@@ -252,3 +252,22 @@ def test_repo_id_served_from_the_hub_cache_offline(tiny_dir, tmp_path, batch):
     # the same weights give the same numbers; across two processes only to rounding (a full CI run
     # once saw 8e-7: summation order in SIMD loops can follow memory alignment), never O(1) apart
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+
+
+def test_release_pages_drops_only_our_own_unmodified_maps(tmp_path, tiny_dir):
+    """Fused Q/K/V hand the pages of the originals back to the OS. A caller's own copy-on-write map
+    is never touched: dropping its pages would undo the caller's edits."""
+    from minibert.weights import read_safetensors, release_pages
+
+    path = tmp_path / "raw.bin"
+    np.arange(4096, dtype=np.float32).tofile(path)
+    theirs = np.memmap(path, dtype=np.float32, mode="c")
+    theirs[:2048] = -1  # an edit that lives only in this process
+    release_pages(theirs[:2048])
+    assert (theirs[:2048] == -1).all()
+
+    tensors = read_safetensors([tiny_dir / "model.safetensors"])
+    name, arr = max(tensors.items(), key=lambda kv: kv[1].nbytes)
+    before = np.array(arr)
+    release_pages(arr)  # ours: dropped, and read back from the file when touched again
+    np.testing.assert_array_equal(arr, before)
