@@ -8,7 +8,7 @@ the tests' tolerance is reported as FAILED and not timed.
 
 Each case is the call the model makes (activations and LayerNorm get the dense layer's bias to
 fuse). When torch is installed, a "torch" row times the matching torch CPU op on the same shape
-and threads, given what it gets inside transformers: there the bias is already in the GEMM's
+and threads (in a process of its own), given what it gets inside transformers: there the bias is already in the GEMM's
 output (addmm), so torch's activation/LayerNorm input is pre-biased outside the timer.
 """
 from __future__ import annotations
@@ -46,6 +46,11 @@ def cases(m, B, T, dtype, rng):
     mask = np.zeros((B, T), dtype=dtype)
     mask[:, T * 3 // 4:] = np.finfo(dtype).min  # a quarter of every row is padding
     yield "masked_softmax", f"[{B}, {nH}, {T}, {T}] + mask", (s, mask, (H // nH) ** -0.5), 2 * s.size * f
+    qkv = rng.standard_normal((N, 3 * H)).astype(dtype)
+    starts = np.arange(B + 1, dtype=np.int64) * T
+    # reads q, k, v once and writes the context; the [L, L] scores are counted as FLOPs, not bytes
+    yield "attention", f"[{B}, {nH}, {T}, {H // nH}] + mask", (qkv, starts, nH, (H // nH) ** -0.5, mask), \
+        (qkv.size + N * H) * f
 
 
 def torch_op(op, args):
@@ -70,26 +75,31 @@ def torch_op(op, args):
         s, mask, scale = args
         s, m = t(s), t(mask)[:, None, None, :]
         return lambda: torch.softmax(s * scale + m, dim=-1)  # eager attention: scores * scale + mask, softmax
+    if op == "attention":
+        qkv, starts, nH, scale, mask = args
+        B, T = mask.shape
+        N, H = qkv.shape[0], qkv.shape[1] // 3
+        heads = qkv.reshape(B, T, 3, nH, H // nH).transpose(2, 0, 3, 1, 4)  # [3, B, nH, T, dH]
+        q, k, v = (t(np.ascontiguousarray(heads[i])) for i in range(3))  # as transformers' BertSelfAttention has them
+        m = t(mask)[:, None, None, :]
+        return lambda: tF.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale).transpose(1, 2).reshape(N, H)
     return None
 
 
-def run(models, B, T, dtype, with_torch=True, threads=None):
-    rng = np.random.default_rng(0)
+def run(models, B, T, dtype, which="minibert"):
+    """Validate, then time: every registered version (``which="minibert"``) or the torch ops."""
+    rng = np.random.default_rng(0)  # the same arrays in both processes
     rows = []
-    if with_torch:
-        try:
-            import torch
-
-            torch.set_num_threads(threads or torch.get_num_threads())
-        except ImportError:
-            with_torch = False
     for model in models:
         for op, shape, args, nbytes in cases(MODELS[model], B, T, dtype, rng):
             ref_out = OPS[op]["numpy"](*args)
-            ref_ms = None
-            versions = dict(OPS[op])
-            if with_torch and (tfn := torch_op(op, args)) is not None:
-                versions["torch"] = lambda *_, tfn=tfn: tfn().numpy()
+            if which == "torch":
+                tfn = torch_op(op, args)
+                if tfn is None:
+                    continue
+                versions = {"torch": lambda *_, tfn=tfn: tfn().numpy()}
+            else:
+                versions = dict(OPS[op])
             for version, fn in versions.items():
                 out = fn(*args)
                 diff = float(np.max(np.abs(out.astype(np.float64) - ref_out))) if out.size else 0.0
@@ -99,24 +109,59 @@ def run(models, B, T, dtype, with_torch=True, threads=None):
                     print(f"{op}/{version} {shape}: FAILED validation, maxdiff {diff:.3e}", file=sys.stderr)
                 else:
                     t = timeit(lambda: fn(*args))
-                    ms = t["median_s"] * 1e3
-                    if version == "numpy":
-                        ref_ms = ms
-                    row.update(status="ok", ms=ms, best_ms=t["best_s"] * 1e3, repeats=t["repeats"],
-                               gb_s=nbytes / t["median_s"] / 1e9,
-                               x_reference=(ref_ms / ms) if ref_ms else None)
+                    row.update(status="ok", ms=t["median_s"] * 1e3, best_ms=t["best_s"] * 1e3, repeats=t["repeats"],
+                               gb_s=nbytes / t["median_s"] / 1e9)
                 rows.append(row)
                 print(f"  {model:6s} {op:15s} {version:8s} done", file=sys.stderr)
     return rows
 
 
-def add_torch_ratios(rows):
-    """x_torch: the torch row's time over each version's (above 1: faster than torch)."""
-    torch_ms = {(r["model"], r["op"]): r["ms"] for r in rows if r["version"] == "torch" and r["status"] == "ok"}
-    for r in rows:
-        t = torch_ms.get((r["model"], r["op"]))
-        r["x_torch"] = (t / r["ms"]) if t and r["status"] == "ok" else None
-    return rows
+def _torch_rows(models, B, T, dtype, threads, env):
+    """The torch rows, in a process of its own: torch's OpenMP pool and Numba's slow each other
+    down several-fold in one process (seen in benchmarks.model), which would make torch look slow."""
+    import os
+
+    os.environ.clear()
+    os.environ.update(env)  # the user's environment, before torch reads its OpenMP settings
+    import torch
+
+    torch.set_num_threads(threads or torch.get_num_threads())
+    return run(models, B, T, dtype, which="torch")
+
+
+def torch_rows(models, B, T, dtype, threads):
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return []
+    except ImportError:
+        return []
+    import multiprocessing as mp
+
+    from . import ORIGINAL_ENV
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_torch_rows, (models, B, T, dtype, threads, ORIGINAL_ENV))
+
+
+def merge(rows, torch):
+    """The torch row after each op's versions, and the ratios: x_reference (the NumPy reference's
+    time over each row's) and x_torch (the torch op's time over each row's; above 1 is faster)."""
+    by_op = {(r["model"], r["op"]): r for r in torch}
+    out = []
+    for i, r in enumerate(rows):
+        out.append(r)
+        last = i + 1 == len(rows) or (rows[i + 1]["model"], rows[i + 1]["op"]) != (r["model"], r["op"])
+        if last and (r["model"], r["op"]) in by_op:
+            out.append(by_op[(r["model"], r["op"])])
+    ok = {(r["model"], r["op"], r["version"]): r["ms"] for r in out if r["status"] == "ok"}
+    for r in out:
+        ref, t = ok.get((r["model"], r["op"], "numpy")), ok.get((r["model"], r["op"], "torch"))
+        good = r["status"] == "ok"
+        r["x_reference"] = (ref / r["ms"]) if good and ref else None
+        r["x_torch"] = (t / r["ms"]) if good and t else None
+    return out
 
 
 def print_table(rows):
@@ -150,7 +195,8 @@ def main(argv=None):
         from minibert import set_num_threads
 
         set_num_threads(a.threads)
-    rows = add_torch_ratios(run(models, a.batch, a.seq, a.dtype, with_torch=not a.no_torch, threads=a.threads))
+    rows = run(models, a.batch, a.seq, a.dtype)
+    rows = merge(rows, [] if a.no_torch else torch_rows(models, a.batch, a.seq, a.dtype, a.threads))
     print_table(rows)
     path = write_json(a.output, dict(benchmark="kernels", started=started, batch=a.batch, seq=a.seq, dtype=a.dtype,
                                      machine=machine(), results=rows))

@@ -141,34 +141,20 @@ def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
     N, H = qkv.shape[0], qkv.shape[1] // 3
     dH = H // n_head
     scale = dH ** -0.5
+    if not keep_probs:  # the attention kernel, one sequence at a time (kernels/attention.py):
+        # packed sequences attend to their own rows only; a dense batch uses its mask rows
+        starts = batch.starts if batch.is_packed else np.arange(batch.B + 1, dtype=np.int64) * batch.T
+        return k["attention"](qkv, starts, n_head, scale, None if batch.is_packed else batch.mask), None
+    # attentions or taps asked for: the whole dense batch at once, the probabilities kept
+    B, T = batch.B, batch.T
+    t = qkv.reshape(B, T, 3, n_head, dH)
+    q, kk, v = (t[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, nH, T, dH] views, no copy
+    scores = q @ kk.transpose(0, 1, 3, 2)  # [B, nH, T, T]
+    probs = k["masked_softmax"](scores, batch.mask, scale, out=scores)  # normalized in place
     context = np.empty((N, H), dtype=qkv.dtype)
-
-    def heads(rows, B, T):  # rows [B·T, 3H] -> q, k, v as [B, nH, T, dH] views (no copy)
-        t = rows.reshape(B, T, 3, n_head, dH)
-        return (t[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-
-    def attend(rows, out, B, T, mask):  # one block of B sequences of T rows each
-        q, kk, v = heads(rows, B, T)
-        scores = q @ kk.transpose(0, 1, 3, 2)  # [B, nH, T, T]
-        probs = k["masked_softmax"](scores, mask, scale, out=scores)  # normalized in place
-        # P·V written straight into the [N, H] layout: no merge-heads copy
-        np.matmul(probs, v, out=out.reshape(B, T, n_head, dH).transpose(0, 2, 1, 3))
-        return probs
-
-    if keep_probs:  # attentions or taps asked for: the whole dense batch at once, probabilities kept
-        return context, attend(qkv, context, batch.B, batch.T, batch.mask)
-    # otherwise one sequence at a time: only one sequence's [nH, T, T] scores exist at any moment,
-    # and they are still in cache when P·V reads them. Packed sequences attend to their own rows
-    # only (no mask); a dense batch uses its mask row.
-    for b in range(batch.B):
-        if batch.is_packed:
-            lo, hi, mask = int(batch.starts[b]), int(batch.starts[b + 1]), None
-        else:
-            lo, hi = b * batch.T, (b + 1) * batch.T
-            mask = None if batch.mask is None else batch.mask[b:b + 1]
-        if hi > lo:
-            attend(qkv[lo:hi], context[lo:hi], 1, hi - lo, mask)
-    return context, None
+    # P·V written straight into the [N, H] layout: no merge-heads copy
+    np.matmul(probs, v, out=context.reshape(B, T, n_head, dH).transpose(0, 2, 1, 3))
+    return context, probs
 
 
 def self_attention(x, batch: Batch, *, query, key, value, n_head, k, keep_probs=False, tap=None, name=""):

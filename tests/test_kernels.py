@@ -253,3 +253,45 @@ def test_small_inputs_run_on_one_thread_and_restore_the_count():
     assert seen == [1, numba.get_num_threads()]
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     assert_close(get("gelu", "numba_v2")(x), get("gelu", "numpy")(x), TOL["kernel_fp32"], "small gelu")
+
+
+def _attention_case(rng, dtype, lengths, n_head, dH, dense_T=None):
+    H = n_head * dH
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    qkv = rng.standard_normal((int(starts[-1]), 3 * H)).astype(dtype)
+    mask = None
+    if dense_T is not None:  # a dense batch: every sequence dense_T rows, padding keys masked
+        mask = np.zeros((len(lengths), dense_T), dtype=dtype)
+        mask[0, dense_T // 2:] = np.finfo(dtype).min
+        mask[-1, :] = np.finfo(dtype).min  # a sequence with no valid key: uniform, never NaN
+    return qkv, starts, mask
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["packed", "dense-masked", "head32-long"])
+def test_attention_matches_reference(dtype, case):
+    """Packed sequences of mixed lengths (one empty, one of a single token), a dense batch with
+    padding and a row with no valid key, and long sequences with head size 32."""
+    rng = np.random.default_rng(9)
+    lengths, n_head, dH, dense_T = {"packed": ([5, 0, 17, 1, 9], 4, 16, None),
+                                    "dense-masked": ([12, 12, 12], 3, 8, 12),
+                                    "head32-long": ([200, 37], 2, 32, None)}[case]
+    qkv, starts, mask = _attention_case(rng, dtype, lengths, n_head, dH, dense_T)
+    ref = get("attention", "numpy")(qkv, starts, n_head, dH ** -0.5, mask)
+    assert np.isfinite(ref).all()
+    for v in versions("attention"):
+        y = get("attention", v)(qkv, starts, n_head, dH ** -0.5, mask)
+        assert y.dtype == qkv.dtype
+        assert_close(y, ref, tol(dtype), f"attention/{v} {dtype} {case}")
+
+
+def test_attention_reference_is_softmax_of_scaled_scores_times_v():
+    """The reference against the formula written out for one sequence and one head."""
+    rng = np.random.default_rng(10)
+    qkv = rng.standard_normal((6, 3 * 4))
+    out = get("attention", "numpy")(qkv, np.array([0, 6]), 1, 0.5)
+    q, k, v = qkv[:, :4], qkv[:, 4:8], qkv[:, 8:]
+    s = q @ k.T * 0.5
+    p = np.exp(s - s.max(1, keepdims=True))
+    np.testing.assert_allclose(out, (p / p.sum(1, keepdims=True)) @ v, rtol=1e-12, atol=1e-12)
