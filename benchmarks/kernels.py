@@ -130,14 +130,11 @@ def _torch_rows(models, B, T, dtype, threads, env):
 
 
 def torch_rows(models, B, T, dtype, threads):
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            return []
-    except ImportError:
-        return []
+    import importlib.util
     import multiprocessing as mp
+
+    if importlib.util.find_spec("torch") is None:
+        return []
 
     from . import ORIGINAL_ENV
 

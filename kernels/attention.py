@@ -9,7 +9,7 @@ needs no mask: each sequence sees only its own rows. Empty sequences are skipped
 
 Versions:
 - ``numpy``: the reference — one sequence at a time, q·kᵀ and P·V as batched matmuls over the
-  heads, the softmax in plain NumPy.
+  heads, the softmax the NumPy reference of softmax.py.
 - ``blas_v2`` (default): the same matmuls (NumPy's BLAS) with masked_softmax v2 normalizing the
   scores in place. One sequence at a time keeps a single [nH, L, L] block alive, still in cache
   when P·V reads it, and never a [B, nH, T, T] tensor.
@@ -26,51 +26,36 @@ from numba import njit, prange
 
 from .fastmath import fexp
 from .registry import register
-from .softmax import masked_softmax_numba_v2
+from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
 
 
-def _blocks(qkv, starts, mask):  # (lo, hi, mask row [1, L] or None) of each non-empty sequence
+def _per_sequence(qkv, starts, n_head, scale, mask, softmax):
+    """One sequence at a time: q·kᵀ and P·V as batched matmuls over the heads (NumPy's BLAS), the
+    scores normalized in place by ``softmax`` (a masked_softmax version)."""
+    N, H = qkv.shape[0], qkv.shape[1] // 3
+    dH = H // n_head
+    out = np.empty((N, H), dtype=qkv.dtype)  # starts[0] = 0 and starts[-1] = N: every row is written
     for b in range(starts.size - 1):
         lo, hi = int(starts[b]), int(starts[b + 1])
-        if hi > lo:
-            yield lo, hi, (None if mask is None else mask[b:b + 1, :hi - lo])
-
-
-def _heads(rows, n_head):  # [L, 3H] -> q, k, v as [1, nH, L, dH] views (no copy)
-    L, H3 = rows.shape
-    t = rows.reshape(1, L, 3, n_head, H3 // 3 // n_head)
-    return (t[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-
-
-def _context_view(out, n_head):  # [L, H] -> [1, nH, L, dH] view, so P·V lands in the [N, H] layout
-    L, H = out.shape
-    return out.reshape(1, L, n_head, H // n_head).transpose(0, 2, 1, 3)
+        if hi == lo:
+            continue
+        t = qkv[lo:hi].reshape(1, hi - lo, 3, n_head, dH)
+        q, k, v = (t[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [1, nH, L, dH] views, no copy
+        scores = q @ k.transpose(0, 1, 3, 2)  # [1, nH, L, L]
+        softmax(scores, None if mask is None else mask[b:b + 1, :hi - lo], scale, out=scores)
+        # P·V written straight into the [N, H] layout
+        np.matmul(scores, v, out=out[lo:hi].reshape(1, hi - lo, n_head, dH).transpose(0, 2, 1, 3))
+    return out
 
 
 @register("attention", "numpy")
 def attention_numpy(qkv, starts, n_head, scale, mask=None):
-    N, H = qkv.shape[0], qkv.shape[1] // 3
-    out = np.zeros((N, H), dtype=qkv.dtype)
-    for lo, hi, m in _blocks(qkv, starts, mask):
-        q, k, v = _heads(qkv[lo:hi], n_head)
-        s = (q @ k.transpose(0, 1, 3, 2)) * qkv.dtype.type(scale)  # [1, nH, L, L]
-        if m is not None:
-            s = s + m[:, None, None, :]
-        e = np.exp(s - s.max(axis=-1, keepdims=True))
-        np.matmul(e / e.sum(axis=-1, keepdims=True), v, out=_context_view(out[lo:hi], n_head))
-    return out
+    return _per_sequence(qkv, starts, n_head, scale, mask, masked_softmax_numpy)
 
 
 @register("attention", "blas_v2", default=True)
 def attention_blas_v2(qkv, starts, n_head, scale, mask=None):
-    N, H = qkv.shape[0], qkv.shape[1] // 3
-    out = np.zeros((N, H), dtype=qkv.dtype)
-    for lo, hi, m in _blocks(qkv, starts, mask):
-        q, k, v = _heads(qkv[lo:hi], n_head)
-        scores = q @ k.transpose(0, 1, 3, 2)  # [1, nH, L, L]
-        masked_softmax_numba_v2(scores, m, scale, out=scores)  # in place
-        np.matmul(scores, v, out=_context_view(out[lo:hi], n_head))
-    return out
+    return _per_sequence(qkv, starts, n_head, scale, mask, masked_softmax_numba_v2)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -130,7 +115,7 @@ def _attention_fused(qkv, starts, mask, has_mask, n_head, scale, out):
 def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
     qkv = np.ascontiguousarray(qkv)
     N, H = qkv.shape[0], qkv.shape[1] // 3
-    out = np.zeros((N, H), dtype=qkv.dtype)
+    out = np.empty((N, H), dtype=qkv.dtype)  # every row belongs to one sequence: all are written
     if N == 0:
         return out
     starts = np.ascontiguousarray(starts, dtype=np.int64)

@@ -271,11 +271,12 @@ def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, 
     wanted, tap = tap, (tap or None)  # an empty Taps runs like None and still returns {}
     valid = attention_mask != 0  # [B, T]
     B, T = valid.shape
-    if skip_padding and not (output_attentions or tap) and not valid.all():
+    padded = not valid.all()
+    if skip_padding and padded and not (output_attentions or tap):
         batch = Batch.packed(valid)
         ids, tt, pos = (a.reshape(-1)[batch.rows] for a in (input_ids, token_type_ids, position_ids))  # [N]
     else:  # no additive mask at all without padding: adding zeros would change nothing
-        batch = Batch(B, T, mask=None if valid.all() else additive_mask(attention_mask, dtype))
+        batch = Batch(B, T, mask=additive_mask(attention_mask, dtype) if padded else None)
         ids, tt, pos = (a.reshape(-1) for a in (input_ids, token_type_ids, position_ids))  # [B·T]
     x = embeddings(ids, tt, pos, **params["embeddings"], eps=eps, k=k)  # [N, H]
     if tap:
