@@ -4,8 +4,8 @@ the biggest slice.
     python -m benchmarks.breakdown [--model base|minilm|PATH] [--batch 8] [--seq 128] [--repeats 5]
 
 Every kernel of the model's kernel set (the ``attention`` kernel is q·kᵀ, softmax and P·V
-together) and the GEMMs of the dense layers (``model.gemm``) are wrapped with a timer for the
-measured passes; what is left of the wall time is Python, embedding gathers and copies ("other").
+together; the ``gemm`` kernel is the encoder's dense layers) and ``model.gemm`` (the pooler's)
+are wrapped with a timer for the measured passes; what is left of the wall time is Python, embedding gathers and copies ("other").
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from collections import defaultdict
 import numpy as np
 
 from minibert import model as F
+
+
+LABELS = {"attention": "attention (q·kᵀ, softmax, P·V)", "gemm": "gemm (dense layers)"}
 
 
 @contextlib.contextmanager
@@ -42,7 +45,7 @@ def timed_ops(bert_model):
     saved_gemm = F.gemm
     try:
         for op, fn in saved_k.items():
-            k[op] = wrap("attention (q·kᵀ, softmax, P·V)" if op == "attention" else op, fn)
+            k[op] = wrap(LABELS.get(op, op), fn)
         F.gemm = wrap("gemm (dense layers)", saved_gemm)
         yield acc
     finally:

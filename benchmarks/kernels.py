@@ -28,29 +28,36 @@ TOL = {"float32": 2e-5, "float64": 1e-12}  # the same as tests/conftest.py's ker
 
 
 def cases(m, B, T, dtype, rng):
-    """(op, shape label, args, bytes moved) for one model's shapes."""
+    """(op, shape label, args, bytes moved, FLOPs or None) for one model's shapes."""
     H, nH, I = m["H"], m["nH"], m["I"]
     N = B * T
     f = np.dtype(dtype).itemsize
     x_i = rng.standard_normal((N, I)).astype(dtype)
     b_i = (0.1 * rng.standard_normal(I)).astype(dtype)
     for act in ("gelu", "gelu_tanh", "relu", "silu"):
-        yield act, f"[{N}, {I}] + bias", (x_i, b_i), 2 * x_i.size * f
+        yield act, f"[{N}, {I}] + bias", (x_i, b_i), 2 * x_i.size * f, None
     x = rng.standard_normal((N, H)).astype(dtype)
     r = rng.standard_normal((N, H)).astype(dtype)
     w = (1 + 0.1 * rng.standard_normal(H)).astype(dtype)
     b = (0.1 * rng.standard_normal(H)).astype(dtype)
     xb = (0.1 * rng.standard_normal(H)).astype(dtype)
-    yield "layernorm", f"[{N}, {H}] + bias + residual", (x, r, w, b, 1e-12, xb), 3 * x.size * f
+    yield "layernorm", f"[{N}, {H}] + bias + residual", (x, r, w, b, 1e-12, xb), 3 * x.size * f, None
     s = rng.standard_normal((B, nH, T, T)).astype(dtype)
     mask = np.zeros((B, T), dtype=dtype)
     mask[:, T * 3 // 4:] = np.finfo(dtype).min  # a quarter of every row is padding
-    yield "masked_softmax", f"[{B}, {nH}, {T}, {T}] + mask", (s, mask, (H // nH) ** -0.5), 2 * s.size * f
+    yield "masked_softmax", f"[{B}, {nH}, {T}, {T}] + mask", (s, mask, (H // nH) ** -0.5), 2 * s.size * f, None
     qkv = rng.standard_normal((N, 3 * H)).astype(dtype)
     starts = np.arange(B + 1, dtype=np.int64) * T
     # reads q, k, v once and writes the context; the [L, L] scores are counted as FLOPs, not bytes
-    yield "attention", f"[{B}, {nH}, {T}, {H // nH}] + mask", (qkv, starts, nH, (H // nH) ** -0.5, mask), \
-        (qkv.size + N * H) * f
+    dH = H // nH
+    yield "attention", f"[{B}, {nH}, {T}, {dH}] + mask", (qkv, starts, nH, dH ** -0.5, mask), \
+        (qkv.size + N * H) * f, 4 * B * nH * T * T * dH
+    # the FFN's first GEMM: one short sentence (16 rows), and the whole batch; BERT-like scales
+    w_i = (0.02 * rng.standard_normal((I, H))).astype(dtype)
+    for rows in (16, N):
+        x_h = rng.standard_normal((rows, H)).astype(dtype)
+        yield "gemm", f"[{rows}, {H}] x [{I}, {H}]ᵀ", (x_h, w_i), (x_h.size + w_i.size + rows * I) * f, \
+            2 * rows * H * I
 
 
 def torch_op(op, args):
@@ -75,6 +82,9 @@ def torch_op(op, args):
         s, mask, scale = args
         s, m = t(s), t(mask)[:, None, None, :]
         return lambda: torch.softmax(s * scale + m, dim=-1)  # eager attention: scores * scale + mask, softmax
+    if op == "gemm":  # nn.Linear's product, here without the bias (added by the next kernel)
+        x, w = t(args[0]), t(args[1])
+        return lambda: tF.linear(x, w)
     if op == "attention":
         qkv, starts, nH, scale, mask = args
         B, T = mask.shape
@@ -91,7 +101,7 @@ def run(models, B, T, dtype, which="minibert"):
     rng = np.random.default_rng(0)  # the same arrays in both processes
     rows = []
     for model in models:
-        for op, shape, args, nbytes in cases(MODELS[model], B, T, dtype, rng):
+        for op, shape, args, nbytes, flops in cases(MODELS[model], B, T, dtype, rng):
             ref_out = OPS[op]["numpy"](*args)
             if which == "torch":
                 tfn = torch_op(op, args)
@@ -110,7 +120,8 @@ def run(models, B, T, dtype, which="minibert"):
                 else:
                     t = timeit(lambda: fn(*args))
                     row.update(status="ok", ms=t["median_s"] * 1e3, best_ms=t["best_s"] * 1e3, repeats=t["repeats"],
-                               gb_s=nbytes / t["median_s"] / 1e9)
+                               gb_s=nbytes / t["median_s"] / 1e9,
+                               gflop_s=flops / t["median_s"] / 1e9 if flops else None)
                 rows.append(row)
                 print(f"  {model:6s} {op:15s} {version:8s} done", file=sys.stderr)
     return rows
@@ -145,16 +156,20 @@ def torch_rows(models, B, T, dtype, threads):
 def merge(rows, torch):
     """The torch row after each op's versions, and the ratios: x_reference (the NumPy reference's
     time over each row's) and x_torch (the torch op's time over each row's; above 1 is faster)."""
-    by_op = {(r["model"], r["op"]): r for r in torch}
+    def case(r):
+        return r["model"], r["op"], r["shape"]
+
+    by_case = {case(r): r for r in torch}
     out = []
     for i, r in enumerate(rows):
         out.append(r)
-        last = i + 1 == len(rows) or (rows[i + 1]["model"], rows[i + 1]["op"]) != (r["model"], r["op"])
-        if last and (r["model"], r["op"]) in by_op:
-            out.append(by_op[(r["model"], r["op"])])
-    ok = {(r["model"], r["op"], r["version"]): r["ms"] for r in out if r["status"] == "ok"}
+        last = i + 1 == len(rows) or case(rows[i + 1]) != case(r)
+        if last and case(r) in by_case:
+            out.append(by_case[case(r)])
+    ok = {case(r) + (r["version"],): r["ms"] for r in out if r["status"] == "ok"}
     for r in out:
-        ref, t = ok.get((r["model"], r["op"], "numpy")), ok.get((r["model"], r["op"], "torch"))
+        key = case(r)
+        ref, t = ok.get(key + ("numpy",)), ok.get(key + ("torch",))
         good = r["status"] == "ok"
         r["x_reference"] = (ref / r["ms"]) if good and ref else None
         r["x_torch"] = (t / r["ms"]) if good and t else None
@@ -162,18 +177,19 @@ def merge(rows, torch):
 
 
 def print_table(rows):
-    head = (f"{'model':7s} {'op':15s} {'version':8s} {'shape':34s} {'ms':>9s} {'best ms':>9s} {'x ref':>7s} "
-            f"{'x torch':>7s} {'GB/s':>7s}")
+    head = (f"{'model':7s} {'op':15s} {'version':11s} {'shape':34s} {'ms':>9s} {'best ms':>9s} {'x ref':>7s} "
+            f"{'x torch':>7s} {'GB/s':>7s} {'GFLOP/s':>8s}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['model']:7s} {r['op']:15s} {r['version']:8s} {r['shape']:34s} FAILED maxdiff {r['maxdiff']:.2e}")
+            print(f"{r['model']:7s} {r['op']:15s} {r['version']:11s} {r['shape']:34s} FAILED maxdiff {r['maxdiff']:.2e}")
             continue
         xr = f"{r['x_reference']:.1f}" if r["x_reference"] else "-"
         xt = f"{r['x_torch']:.2f}" if r.get("x_torch") else "-"
-        print(f"{r['model']:7s} {r['op']:15s} {r['version']:8s} {r['shape']:34s} {r['ms']:9.3f} {r['best_ms']:9.3f} "
-              f"{xr:>7s} {xt:>7s} {r['gb_s']:7.2f}")
+        gf = f"{r['gflop_s']:.1f}" if r.get("gflop_s") else "-"
+        print(f"{r['model']:7s} {r['op']:15s} {r['version']:11s} {r['shape']:34s} {r['ms']:9.3f} {r['best_ms']:9.3f} "
+              f"{xr:>7s} {xt:>7s} {r['gb_s']:7.2f} {gf:>8s}")
 
 
 def main(argv=None):

@@ -50,6 +50,6 @@ if _fallback:
     numba.config.CACHE_DIR = _fallback
 
 from .registry import OPS, available, get, register, select  # noqa: F401
-from . import activations, attention, layernorm, softmax  # noqa: F401  (importing registers the versions)
+from . import activations, attention, gemm, layernorm, softmax  # noqa: F401  (importing registers the versions)
 
 __all__ = ["OPS", "available", "get", "register", "select"]

@@ -3,13 +3,20 @@ import os as _os
 import sys as _sys
 
 # OpenBLAS's idle worker threads spin for 2^28 cycles (~0.1 s) after every GEMM, on the very core a
-# parallel Numba kernel (softmax, GELU, LayerNorm) runs on next, which then goes at one core's
-# speed. 2^20 cycles (~0.3 ms) still bridges back-to-back BLAS calls. Measured on 2 cores, bert-base:
-# (1, 512) 714 -> 623 ms, 32 mixed-length sentences 780 -> 729 ms, (8, 128) 1103 -> 1081 ms.
-# OpenBLAS reads it when NumPy loads it, so it takes effect only if minibert is imported first (the
-# CLI does); otherwise export OPENBLAS_THREAD_TIMEOUT=20 yourself. A value already set is kept.
+# parallel Numba kernel (softmax, GELU, LayerNorm, the small-N GEMM) runs on next, which then goes
+# at one core's speed. 2^20 cycles (~0.3 ms) still bridges back-to-back BLAS calls. Measured on 2
+# cores, bert-base: (1, 512) 714 -> 623 ms, 32 mixed-length sentences 780 -> 729 ms, (8, 128)
+# 1103 -> 1081 ms, (1, 16) 59.5 -> 36.4 ms. OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when NumPy
+# loads it: if NumPy is not imported yet, setting the variable is enough; if it is, see
+# threads.bound_openblas_spinning. A value the user set is kept either way.
+from .threads import SPIN_TIMEOUT as _SPIN  # noqa: E402  (threads.py imports nothing heavy)
+
 if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", str(_SPIN))
+elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
+    from .threads import bound_openblas_spinning as _bound
+
+    _bound()
 
 from .bert import BertModel
 from .config import BertConfig

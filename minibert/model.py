@@ -13,7 +13,9 @@ functions (``layer(x, mask, **params["encoder"]["layer"][3], ...)``), so
 ["self"]["query"]["weight"]``. Linear weights keep the checkpoint's [out, in] layout.
 
 ``k`` is the kernel set, ``{op: function}`` from :func:`minibert.kernels.select`: the only
-difference between ``kernels="numpy"`` and ``kernels="numba"``. Matrix products go to NumPy's BLAS.
+difference between ``kernels="numpy"`` and ``kernels="numba"``. The encoder's dense layers call
+``k["gemm"]`` (BLAS, or for a few rows a Numba kernel that skips BLAS's weight repacking: see
+kernels/gemm.py); attention's per-head products and the heads' layers go to NumPy's BLAS.
 
 This is transformers' BertModel with eager attention, post-LN:
   embeddings: LayerNorm(word + token_type + position)
@@ -122,7 +124,7 @@ def fused_qkv(query, key, value):  # -> (weight [3H, H], bias [3H]) or None
     return (w, b) if w is not None and b is not None else None
 
 
-def project_qkv(x, query, key, value):  # [N, H] -> [N, 3H]: q | k | v, biases added
+def project_qkv(x, query, key, value, gemm=gemm):  # [N, H] -> [N, 3H]: q | k | v, biases added
     fused = fused_qkv(query, key, value)
     if fused is not None:
         qkv = gemm(x, fused[0])
@@ -159,7 +161,7 @@ def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
 
 def self_attention(x, batch: Batch, *, query, key, value, n_head, k, keep_probs=False, tap=None, name=""):
     # [N, H] -> [N, H], [B, nH, T, T] or None
-    qkv = project_qkv(x, query, key, value)  # [N, 3H]
+    qkv = project_qkv(x, query, key, value, k["gemm"])  # [N, 3H]
     context, probs = attention(qkv, batch, n_head, k, keep_probs=keep_probs or bool(tap))
     if tap:  # taps run on dense batches only (see bert)
         B, T, H = batch.B, batch.T, x.shape[-1]
@@ -183,7 +185,7 @@ def attention_block(x, batch: Batch, *, self, output, n_head, eps, k, keep_probs
                                     name=name + ".self")
     dense, ln = output["dense"], output["LayerNorm"]
     # LayerNorm(context·Wᵀ + b + x): the GEMM without its bias, then one fused pass
-    a = k["layernorm"](gemm(context, dense["weight"]), x, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
+    a = k["layernorm"](k["gemm"](context, dense["weight"]), x, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
     if tap:
         tap(name + ".output", batch.unpack(a))
     return a, probs
@@ -195,8 +197,8 @@ def layer(x, batch: Batch, *, attention: Dict, intermediate: Dict, output: Dict,
     a, probs = attention_block(x, batch, **attention, n_head=n_head, eps=eps, k=k, keep_probs=keep_probs, tap=tap,
                                name=name + ".attention")
     inter, dense, ln = intermediate["dense"], output["dense"], output["LayerNorm"]
-    h = k[act](gemm(a, inter["weight"]), inter["bias"])  # [N, I]: act(a·Wᵀ + b), bias fused
-    out = k["layernorm"](gemm(h, dense["weight"]), a, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
+    h = k[act](k["gemm"](a, inter["weight"]), inter["bias"])  # [N, I]: act(a·Wᵀ + b), bias fused
+    out = k["layernorm"](k["gemm"](h, dense["weight"]), a, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
     if tap:
         tap(name + ".intermediate", batch.unpack(h))
         tap(name + ".output", batch.unpack(out))

@@ -295,3 +295,65 @@ def test_attention_reference_is_softmax_of_scaled_scores_times_v():
     s = q @ k.T * 0.5
     p = np.exp(s - s.max(1, keepdims=True))
     np.testing.assert_allclose(out, (p / p.sum(1, keepdims=True)) @ v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (4, 3, 8), (7, 10, 33), (16, 768, 96), (17, 4, 50),
+                                   (50, 12, 30), (0, 6, 5), (5, 6, 0), (6, 0, 5)])
+def test_gemm_matches_reference(dtype, shape):
+    """Every version against x·Wᵀ on shapes that leave row and column tails (N % 4, out % 3) and
+    on empty ones; inputs at BERT's scales (weights ~0.02) so a float32 sum of ~800 products
+    stays within the kernel tolerance."""
+    N, out_f, in_f = shape
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((N, in_f)).astype(dtype)
+    w = (0.02 * rng.standard_normal((out_f, in_f))).astype(dtype)
+    ref = get("gemm", "numpy")(x, w)
+    np.testing.assert_allclose(ref, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-6)
+    for v in versions("gemm"):
+        y = get("gemm", v)(x, w)
+        assert y.dtype == x.dtype and y.shape == (N, out_f)
+        assert_close(y, ref, tol(dtype), f"gemm/{v} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("version", available("gemm"))
+def test_gemm_into_out_views_and_odd_inputs(version):
+    """out= a column block of a wider array (project_qkv's unfused path), a transposed weight
+    and mixed dtypes: the same values as NumPy."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((6, 20)).astype(np.float32)
+    w = (0.1 * rng.standard_normal((9, 20))).astype(np.float32)
+    f = get("gemm", version)
+    wide = np.full((6, 27), 7.0, dtype=np.float32)
+    got = f(x, w, out=wide[:, 9:18])
+    assert np.shares_memory(got, wide)
+    assert_close(wide[:, 9:18], x @ w.T, TOL["kernel_fp32"], f"gemm/{version} into a view")
+    assert (wide[:, :9] == 7).all() and (wide[:, 18:] == 7).all()
+    wt = np.asfortranarray(w)  # not C-contiguous
+    assert_close(f(x, wt), x @ w.T, TOL["kernel_fp32"], f"gemm/{version} F-ordered weight")
+    assert_close(f(x[:, ::2], w[:, ::2]), x[:, ::2] @ w[:, ::2].T, TOL["kernel_fp32"], f"gemm/{version} strided")
+    y = f(x.astype(np.float64), w)
+    assert y.dtype == np.float64
+    assert_close(y, x.astype(np.float64) @ w.T.astype(np.float64), TOL["kernel_fp64"], f"gemm/{version} mixed")
+
+
+@pytest.mark.parametrize("version", versions("gemm"))
+def test_gemm_rejects_mismatched_shapes(version):
+    f = get("gemm", version)
+    x, w = np.ones((4, 5), np.float32), np.ones((3, 6), np.float32)
+    with pytest.raises(ValueError, match=r"x \[N, in\] and weight \[out, in\].*\(4, 5\).*\(3, 6\)"):
+        f(x, w)
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 3\)"):
+        f(np.ones((4, 6), np.float32), w, out=np.empty((3, 4), np.float32))
+
+
+def test_gemm_auto_takes_the_numba_kernel_for_few_rows_only(monkeypatch):
+    from minibert.kernels import gemm as G
+
+    called = []
+    monkeypatch.setattr(G, "_gemm_4x3", lambda x, w, out: called.append(x.shape[0]) or out.fill(0))
+    w = np.ones((6, 5), np.float32)
+    G.gemm_auto(np.ones((G.SMALL_N, 5), np.float32), w)
+    G.gemm_auto(np.ones((G.SMALL_N + 1, 5), np.float32), w)
+    G.gemm_auto(np.ones((3, 5)), w)  # mixed dtypes: BLAS
+    assert called == [G.SMALL_N]
