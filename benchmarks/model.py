@@ -285,11 +285,26 @@ def load_engines(path, threads, wanted, env):
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def batches(cfg, tokenizer_dir):
+def parse_shapes(text):
+    """"1x16,8x128,mixed" -> the shapes to run, checked against the ones this benchmark has."""
+    known = {f"{B}x{T}": (B, T) for B, T in DENSE_SHAPES}
+    known["mixed"] = MIXED
+    picked = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in picked if s not in known]
+    if bad or not picked:
+        raise ValueError(f"--shapes {text!r}: expected a comma-separated subset of {list(known)}")
+    return [known[s] for s in picked]
+
+
+def batches(cfg, tokenizer_dir, shapes=None):
+    shapes = shapes or DENSE_SHAPES + [MIXED]
     rng = np.random.default_rng(0)
     for B, T in DENSE_SHAPES:
-        ids = random_ids(rng, cfg.vocab_size, B, T)
-        yield f"({B}, {T})", ids, np.ones_like(ids), np.zeros_like(ids)
+        ids = random_ids(rng, cfg.vocab_size, B, T)  # drawn for every shape: the same ids whatever is picked
+        if (B, T) in shapes:
+            yield f"({B}, {T})", ids, np.ones_like(ids), np.zeros_like(ids)
+    if MIXED not in shapes:
+        return
     from minibert import BertTokenizer
 
     tok = BertTokenizer.from_pretrained(tokenizer_dir)
@@ -298,7 +313,7 @@ def batches(cfg, tokenizer_dir):
     yield MIXED, ids, np.asarray(x["attention_mask"], dtype=np.int64), np.asarray(x["token_type_ids"], dtype=np.int64)
 
 
-def run_model(name, threads, repeats, wanted, peak, env, gap):
+def run_model(name, threads, repeats, wanted, peak, env, gap, shapes=None):
     from minibert import BertConfig
 
     path = model_dir(name)
@@ -307,7 +322,7 @@ def run_model(name, threads, repeats, wanted, peak, env, gap):
     print(f"{name}: loading engines", file=sys.stderr)
     engines, skipped = load_engines(path, threads, wanted, env)
     rows = []
-    for shape, ids, mask, tt in batches(cfg, minilm_dir()):
+    for shape, ids, mask, tt in batches(cfg, minilm_dir(), shapes):
         valid = mask == 1
         lengths = mask.sum(axis=1)
         ref = engines["minibert"].run(ids, mask, tt)
@@ -393,6 +408,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--gap", type=float, default=0.3, help="seconds of idle before each timed call")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated subset of " + ",".join([f"{B}x{T}" for B, T in DENSE_SHAPES] + ["mixed"]))
     p.add_argument("--output", default="benchmarks/results/model.json")
     p.add_argument("--chart", default="benchmarks/results/model.png")
     a = p.parse_args(argv)
@@ -400,6 +417,10 @@ def main(argv=None):
     unknown = [e for e in wanted if e not in ENGINES]
     if unknown:
         p.error(f"unknown engine(s) {unknown}; known: {list(ENGINES)}")
+    try:
+        shapes = parse_shapes(a.shapes) if a.shapes else None
+    except ValueError as e:
+        p.error(str(e))
     models = ["base", "minilm"] if a.model == "all" else [a.model]
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     from . import ORIGINAL_ENV
@@ -408,7 +429,7 @@ def main(argv=None):
     peak = sgemm_peak(a.threads)
     rows, skipped = [], {}
     for m in models:
-        r, s = run_model(m, a.threads, a.repeats, wanted, peak, env, a.gap)
+        r, s = run_model(m, a.threads, a.repeats, wanted, peak, env, a.gap, shapes)
         rows += r
         skipped.update(s)
     print_table(rows, peak)
@@ -424,7 +445,7 @@ def main(argv=None):
     info = machine()
     info["libraries"].update(versions("onnxruntime", "ctranslate2", "onnx"))
     payload = dict(benchmark="model", started=started, threads=a.threads, repeats=a.repeats, gap_s=a.gap,
-                   sgemm_peak_gflop_s=peak,
+                   sgemm_peak_gflop_s=peak, shapes=a.shapes or "all",
                    machine=info, skipped=skipped, results=rows, breakdown=dict(model=models[0], shape=[8, 128], ops=bd))
     path = write_json(a.output, payload)
     png = chart(rows, a.chart)

@@ -89,3 +89,15 @@ def test_footprint_benchmark_measures_cold_and_warm_start(tmp_path):
     cold, warm = rows["minibert encode, cold JIT cache"], rows["minibert encode, warm JIT cache"]
     assert cold["wall_s"] > warm["wall_s"] > 0  # the cold run compiles what the warm run loads
     assert warm["peak_rss_mb"] > 10 and "transformers + torch, same job" in rows
+
+
+def test_model_benchmark_shape_subsets():
+    import pytest
+
+    from benchmarks.model import DENSE_SHAPES, MIXED, parse_shapes
+
+    assert parse_shapes("1x16, mixed") == [(1, 16), MIXED]
+    assert parse_shapes(",".join(f"{B}x{T}" for B, T in DENSE_SHAPES)) == DENSE_SHAPES
+    for bad in ("2x16", "", "1x16,big"):
+        with pytest.raises(ValueError, match="expected a comma-separated subset of"):
+            parse_shapes(bad)
