@@ -5,7 +5,8 @@ the biggest slice.
 
 Every kernel of the model's kernel set (the ``attention`` kernel is q·kᵀ, softmax and P·V
 together; the ``gemm`` kernel is the encoder's dense layers) and ``model.gemm`` (the pooler's)
-are wrapped with a timer for the measured passes; what is left of the wall time is Python, embedding gathers and copies ("other").
+are wrapped with a timer for the measured passes; what is left of the wall time is Python,
+embedding gathers and copies ("other").
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def timed_ops(bert_model):
     try:
         for op, fn in saved_k.items():
             k[op] = wrap(LABELS.get(op, op), fn)
-        F.gemm = wrap("gemm (dense layers)", saved_gemm)
+        F.gemm = wrap(LABELS["gemm"], saved_gemm)
         yield acc
     finally:
         k.clear()

@@ -79,15 +79,9 @@ def _gemm_4x3(x, w, out):
             out[i + 1, j], out[i + 1, j + 1], out[i + 1, j + 2] = s10, s11, s12
             out[i + 2, j], out[i + 2, j + 1], out[i + 2, j + 2] = s20, s21, s22
             out[i + 3, j], out[i + 3, j + 1], out[i + 3, j + 2] = s30, s31, s32
-        for i in range(M4, M):  # the last 1-3 rows of x: 1 row x 3 weight rows
-            xi = x[i]
-            s0 = s1 = s2 = z
-            for k in range(xi.size):
-                a = xi[k]
-                s0 += a * w0[k]
-                s1 += a * w1[k]
-                s2 += a * w2[k]
-            out[i, j], out[i, j + 1], out[i, j + 2] = s0, s1, s2
+        for i in range(M4, M):  # the last 1-3 rows of x: one dot product per output
+            for jj in range(j, j + 3):
+                out[i, jj] = _dot(x[i], w[jj], z)
 
 
 def _check(x, weight, out):
@@ -124,4 +118,4 @@ def gemm_numba_4x3(x, weight, out=None):
 def gemm_auto(x, weight, out=None):
     if x.ndim == 2 and x.shape[0] <= SMALL_N and _numba_ok(x, weight):
         return gemm_numba_4x3(x, weight, out)
-    return np.matmul(x, weight.T, out=out)
+    return gemm_numpy(x, weight, out)

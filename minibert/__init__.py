@@ -13,7 +13,7 @@ from .threads import SPIN_TIMEOUT as _SPIN  # noqa: E402  (threads.py imports no
 
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", str(_SPIN))
-elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
+else:  # does nothing if the user set the variable
     from .threads import bound_openblas_spinning as _bound
 
     _bound()

@@ -124,7 +124,8 @@ def fused_qkv(query, key, value):  # -> (weight [3H, H], bias [3H]) or None
     return (w, b) if w is not None and b is not None else None
 
 
-def project_qkv(x, query, key, value, gemm=gemm):  # [N, H] -> [N, 3H]: q | k | v, biases added
+def project_qkv(x, query, key, value, k):  # [N, H] -> [N, 3H]: q | k | v, biases added
+    gemm = k["gemm"]
     fused = fused_qkv(query, key, value)
     if fused is not None:
         qkv = gemm(x, fused[0])
@@ -161,7 +162,7 @@ def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
 
 def self_attention(x, batch: Batch, *, query, key, value, n_head, k, keep_probs=False, tap=None, name=""):
     # [N, H] -> [N, H], [B, nH, T, T] or None
-    qkv = project_qkv(x, query, key, value, k["gemm"])  # [N, 3H]
+    qkv = project_qkv(x, query, key, value, k)  # [N, 3H]
     context, probs = attention(qkv, batch, n_head, k, keep_probs=keep_probs or bool(tap))
     if tap:  # taps run on dense batches only (see bert)
         B, T, H = batch.B, batch.T, x.shape[-1]
