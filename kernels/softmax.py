@@ -18,7 +18,10 @@ Versions:
 - ``numba_v2`` (default): the rows split over Numba's threads (``prange``), and for float32 the
   exp of fastmath.py, which vectorizes (v1's ``math.exp`` runs one element at a time). Masked keys
   (finfo.min) still get exactly zero weight: that exp returns 0 below -87.3. fastmath=True lets the
-  row max and sum vectorize (reordered sums: well inside the kernel tolerance).
+  row max and sum vectorize (reordered sums: well inside the kernel tolerance). The running sum
+  starts from a zero of the rows' dtype: it used to start from ``m * 0``, which Numba types as
+  float64 (an int times a float32), so every float32 exp was widened before it was added; the
+  float32 sum made [8, 12, 128, 128] 1.34 → 0.87 ms here.
 """
 from __future__ import annotations
 
@@ -99,7 +102,7 @@ def _masked_softmax_v2(s, mask, scale, one, out):
             v = src[k] * scale + add[k]
             dst[k] = v
             m = max(m, v)
-        tot = m * 0
+        tot = one - one  # a float32 zero for float32 rows: `m * 0` would be float64 (int 0), and so the sum
         for k in range(k_n):
             e = fexp(dst[k] - m)
             dst[k] = e
