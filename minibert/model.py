@@ -15,7 +15,8 @@ functions (``layer(x, mask, **params["encoder"]["layer"][3], ...)``), so
 ``k`` is the kernel set, ``{op: function}`` from :func:`minibert.kernels.select`: the only
 difference between ``kernels="numpy"`` and ``kernels="numba"``. The encoder's dense layers call
 ``k["gemm"]`` (BLAS, or for a few rows a Numba kernel that skips BLAS's weight repacking: see
-kernels/gemm.py); attention's per-head products and the heads' layers go to NumPy's BLAS.
+kernels/gemm.py); the attention kernel does the per-head products (kernels/attention.py), and
+the pooler and task heads' layers go to NumPy's BLAS.
 
 This is transformers' BertModel with eager attention, post-LN:
   embeddings: LayerNorm(word + token_type + position)

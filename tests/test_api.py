@@ -89,7 +89,10 @@ def test_submodules_run_the_same_functions(model, batch):
     np.testing.assert_array_equal(emb, out.hidden_states[0])
     mask = np.zeros(ids.shape, dtype=np.float32)  # additive mask: nothing masked
     h1, _ = model.encoder.layer[0](out.hidden_states[0], mask)
-    np.testing.assert_array_equal(h1, out.hidden_states[1])
+    # a layer called alone returns its attention probabilities, so it takes the dense path (q·kᵀ
+    # by BLAS, the probabilities kept) where the forward pass runs the attention kernel: the same
+    # arithmetic, summed in another order
+    assert_close(h1, out.hidden_states[1], TOL["kernel_fp32"], "layer[0] called alone vs the forward pass")
     x = out.hidden_states[1]
     np.testing.assert_allclose(model.encoder.layer[1].attention.self.query(x),
                                x @ model.encoder.layer[1].attention.self.query.weight.T

@@ -269,14 +269,16 @@ def _attention_case(rng, dtype, lengths, n_head, dH, dense_T=None):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("case", ["packed", "dense-masked", "head32-long"])
+@pytest.mark.parametrize("case", ["packed", "dense-masked", "head32-long", "odd-head"])
 def test_attention_matches_reference(dtype, case):
     """Packed sequences of mixed lengths (one empty, one of a single token), a dense batch with
-    padding and a row with no valid key, and long sequences with head size 32."""
+    padding and a row with no valid key, long sequences with head size 32, and a head size that
+    is neither a multiple of 3 nor of 4 (the blocked kernels' tails)."""
     rng = np.random.default_rng(9)
     lengths, n_head, dH, dense_T = {"packed": ([5, 0, 17, 1, 9], 4, 16, None),
                                     "dense-masked": ([12, 12, 12], 3, 8, 12),
-                                    "head32-long": ([200, 37], 2, 32, None)}[case]
+                                    "head32-long": ([200, 37], 2, 32, None),
+                                    "odd-head": ([7, 4, 3, 10], 2, 5, None)}[case]
     qkv, starts, mask = _attention_case(rng, dtype, lengths, n_head, dH, dense_T)
     ref = get("attention", "numpy")(qkv, starts, n_head, dH ** -0.5, mask)
     assert np.isfinite(ref).all()

@@ -101,7 +101,8 @@ def test_capture_selects_and_defaults(checkpoint):
     one = model(ids, capture="encoder.layer.1.intermediate")
     assert list(one.captures) == ["encoder.layer.1.intermediate"]
     assert one.captures["encoder.layer.1.intermediate"].shape == (1, 4, TINY["intermediate_size"])
-    np.testing.assert_array_equal(one.last_hidden_state, plain.last_hidden_state)  # taps never change results
+    # taps change results by rounding only: they run the dense path, q·kᵀ by BLAS, not the attention kernel
+    assert_close(one.last_hidden_state, plain.last_hidden_state, TOL["kernel_fp32"], "captured vs plain")
     assert model(ids, capture=[]).captures == {}
     names = model.tap_names()
     assert len(names) == 1 + 9 * TINY["num_hidden_layers"] + 1 and names[0] == "embeddings"
