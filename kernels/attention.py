@@ -26,6 +26,9 @@ Versions:
     was slower here: a head has only 32-64 dims, too short to pay for a horizontal sum per score.
   - P·V: gemm.py's 4×3 block, the 4 probability rows against 3 rows of Vᵀ, dot products over the
     L keys (long, so the sums pay), the softmax's 1/Σ applied on the way out.
+  - The helpers are plain jitted functions, not ``inline="always"``: inlined into the prange body
+    they took the kernel's first compile from about 7 to 11 s (the cold-cache start-up of
+    ``minibert encode``), and LLVM inlines them anyway.
   - The row offsets go through slices so LLVM sees unit strides: indexing ``row[offset + d]``
     with a signed offset made it gather element by element (wraparound checks), 2× slower.
   Against ``blas_v2`` in one process (medians of 15): bert-base (8, 128) 3.97 vs 6.10 ms,
@@ -139,7 +142,7 @@ def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
     return out
 
 
-@njit(inline="always")
+@njit(fastmath=True, cache=True)
 def _dot(a, b, zero):
     t = zero
     for k in range(a.size):
@@ -147,7 +150,7 @@ def _dot(a, b, zero):
     return t
 
 
-@njit(inline="always")
+@njit(fastmath=True, cache=True)
 def _head_transposed(qkv, lo, L, col, dH):  # qkv[lo:lo+L, col:col+dH]ᵀ -> [dH, L], contiguous rows
     # 8 source rows at a time, so each row of the result is written 8 contiguous values at a
     # time: 0.65 -> 0.40 ms of bert-base (8, 128)'s 4 ms, against one element at a time
@@ -169,7 +172,7 @@ def _head_transposed(qkv, lo, L, col, dH):  # qkv[lo:lo+L, col:col+dH]ᵀ -> [dH
     return t
 
 
-@njit(inline="always")
+@njit(fastmath=True, cache=True)
 def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
     # s[r, :] (holding the mask row) += (q[r0+r]·scale)·Kᵀ for nr <= 4 query rows
     D4 = dH - dH % 4
@@ -200,7 +203,7 @@ def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
                 sr[j] += a * kd[j]
 
 
-@njit(inline="always")
+@njit(fastmath=True, cache=True)
 def _softmax_rows(s, nr, inv, zero):  # s[:nr] -> exp(s - row max) in place, inv[r] = 1 / row sum
     for r in range(nr):
         row = s[r]
@@ -215,7 +218,7 @@ def _softmax_rows(s, nr, inv, zero):  # s[:nr] -> exp(s - row max) in place, inv
         inv[r] = 1 / tot
 
 
-@njit(inline="always")
+@njit(fastmath=True, cache=True)
 def _context(s, nr, inv, vt, out, r0, col, zero):
     # out[r0+r, col:col+dH] = (s[r]·inv[r])·V for nr <= 4 rows, V given as vt = Vᵀ [dH, L]
     dH = vt.shape[0]
