@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import fexp
+from .gemm import _dot
 from .registry import register
 from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
 
@@ -127,8 +128,8 @@ def _attention_fused(qkv, starts, mask, has_mask, n_head, scale, out):
                     o[h * dH + d] = acc[d]
 
 
-@register("attention", "numba_fused")
-def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
+def _run(kernel, qkv, starts, n_head, scale, mask):
+    """The Numba versions' shared wrapper: contiguous inputs, the output, a dummy mask for None."""
     qkv = np.ascontiguousarray(qkv)
     N, H = qkv.shape[0], qkv.shape[1] // 3
     out = np.empty((N, H), dtype=qkv.dtype)  # every row belongs to one sequence: all are written
@@ -138,16 +139,13 @@ def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
     # scores start from the mask row and add (q·scale)·k: q·k·scale + mask up to rounding (an
     # ulp or so, inside the kernel tolerance)
     m = np.zeros((1, 1), dtype=qkv.dtype) if mask is None else np.ascontiguousarray(mask, dtype=qkv.dtype)
-    _attention_fused(qkv, starts, m, mask is not None, n_head, qkv.dtype.type(scale), out)
+    kernel(qkv, starts, m, mask is not None, n_head, qkv.dtype.type(scale), out)
     return out
 
 
-@njit(fastmath=True, cache=True)
-def _dot(a, b, zero):
-    t = zero
-    for k in range(a.size):
-        t += a[k] * b[k]
-    return t
+@register("attention", "numba_fused")
+def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
+    return _run(_attention_fused, qkv, starts, n_head, scale, mask)
 
 
 @njit(fastmath=True, cache=True)
@@ -286,13 +284,4 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
 
 @register("attention", "numba_tiled", default=True)
 def attention_numba_tiled(qkv, starts, n_head, scale, mask=None):
-    qkv = np.ascontiguousarray(qkv)
-    N, H = qkv.shape[0], qkv.shape[1] // 3
-    out = np.empty((N, H), dtype=qkv.dtype)  # every row belongs to one sequence: all are written
-    if N == 0:
-        return out
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    # scores start from the mask row and add (q·scale)·k: q·k·scale + mask up to rounding
-    m = np.zeros((1, 1), dtype=qkv.dtype) if mask is None else np.ascontiguousarray(mask, dtype=qkv.dtype)
-    _attention_tiled(qkv, starts, m, mask is not None, n_head, qkv.dtype.type(scale), out)
-    return out
+    return _run(_attention_tiled, qkv, starts, n_head, scale, mask)
