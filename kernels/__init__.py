@@ -7,11 +7,8 @@ itself under ``(op, version)``; :func:`select` hands the model one version of ev
 import os
 import tempfile
 
-# Numba's OpenMP workers spin between parallel regions by default, taking a core away from the BLAS
-# threads that run the GEMM in between (measured on 2 cores: MiniLM (8,128) forward 348 ms with
-# spinning, 260 ms with passive waiting). Read when Numba's OpenMP pool starts; a value the user
-# set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How Numba's OpenMP workers wait between parallel regions (OMP_WAIT_POLICY / GOMP_SPINCOUNT) is
+# chosen by minibert/__init__ before this package loads: see minibert.threads.configure_omp_waiting.
 
 
 def _writable(path) -> bool:

@@ -1,6 +1,6 @@
 """When a ``prange`` kernel is worth waking the other threads for.
 
-Every parallel region wakes Numba's sleeping workers (OMP_WAIT_POLICY=PASSIVE, see __init__) and
+Every parallel region wakes Numba's workers (asleep after a pause; see minibert.threads.configure_omp_waiting) and
 waits for them; on a small array that costs more than it saves (a [16, 384] LayerNorm: 19 µs on
 two threads, 7.5 µs on one, measured in a loop). Below ``SERIAL_BELOW`` elements the kernel runs
 on the calling thread only. ``numba.set_num_threads`` is per calling thread, so other threads of

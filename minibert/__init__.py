@@ -18,6 +18,13 @@ else:  # does nothing if the user set the variable
 
     _bound()
 
+# Numba's OpenMP workers: spin briefly between kernels when OpenBLAS's jobs can share their pool
+# (minibert.blaspool), else sleep at once so they leave the cores to OpenBLAS's threads. Set before
+# any parallel kernel starts the pool; a value the user set is kept.
+from .threads import configure_omp_waiting as _omp_waiting  # noqa: E402
+
+_omp_waiting()
+
 from .bert import BertModel
 from .config import BertConfig
 from .heads import (

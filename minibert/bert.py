@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from . import blaspool
 from . import model as F
 from .alloc import keep_freed_memory
 from .config import ACTIVATIONS, BertConfig
@@ -143,13 +144,14 @@ class BertModel(Module):
         c = self.config
         tap = self._taps(capture)
         ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
-        return F.bert(
+        with blaspool.shared():  # the GEMMs' BLAS jobs on the kernels' threads: one pool, see blaspool
+            return F.bert(
             self._params, ids, mask, tt, pos,
-            n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
-            output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
-            output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
-            tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
-        )
+                n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
+                output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+                output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
+                tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
+            )
 
     def tap_names(self) -> List[str]:
         """Every name ``capture=`` accepts, in the order the forward pass reaches them:

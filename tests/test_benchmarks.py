@@ -101,3 +101,21 @@ def test_model_benchmark_shape_subsets():
     for bad in ("2x16", "", "1x16,big"):
         with pytest.raises(ValueError, match="expected a comma-separated subset of"):
             parse_shapes(bad)
+
+
+def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
+    """Shared pool against OpenBLAS's own, and a --spin variant, each timed back to back and after a
+    pause; the JSON says per setting whether the shared pool was really in use."""
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--model", "minilm", "--shapes", "1x16,2x64",
+                        "--spin", "5000", "--repeats", "2", "--rounds", "1", "--gap", "0.01", "--output", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    got = {(row["shape"], row["setting"]): row for row in data["results"]}
+    settings = {"shared", "own pools", "shared, GOMP_SPINCOUNT=5000"}
+    assert set(got) == {(s, k) for s in ("(1, 16)", "(2, 64)") for k in settings}
+    for (shape, setting), row in got.items():
+        assert row["back_to_back_ms"] > 0 and row["after_pause_ms"] > 0 and row["samples"] == 2
+        assert row["shared_pool"] is (setting != "own pools") or not got[(shape, "shared")]["shared_pool"]
+    assert "after pause" in r.stdout

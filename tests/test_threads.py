@@ -79,3 +79,110 @@ def test_importing_minibert_after_numpy_bounds_openblas_spinning(user_value):
         pytest.skip("NumPy's BLAS here is not OpenBLAS with these entry points")
     expected = user_value or str(minibert.threads.SPIN_TIMEOUT)
     assert r.stdout.split() == [expected, expected]
+
+
+# --- OpenBLAS's jobs on Numba's pool during a forward pass (minibert.blaspool) ---
+
+def _pool_or_skip():
+    from minibert import blaspool
+
+    minibert.set_num_threads(None)  # starts Numba's pool, so its threading layer is known
+    if not blaspool.available():
+        pytest.skip("Numba's threading layer is not GNU OpenMP or OpenBLAS has no threads callback here")
+    return blaspool
+
+
+def test_blas_jobs_run_on_numba_pool_only_inside_shared(restore_threads):
+    blaspool = _pool_or_skip()
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float64):
+        a = rng.standard_normal((512, 384)).astype(dt)  # big enough for OpenBLAS to thread it
+        b = rng.standard_normal((1536, 384)).astype(dt)
+        native = a @ b.T
+        before = blaspool.calls()
+        with blaspool.shared():
+            with blaspool.shared():  # nests
+                inner = a @ b.T
+            pooled = a @ b.T
+        inside = blaspool.calls() - before
+        after = a @ b.T
+        assert inside >= 2, f"{dt.__name__}: the callback ran {inside} times for 2 threaded GEMMs"
+        assert blaspool.calls() - before == inside, "the callback stayed installed after the block"
+        # the same jobs, the same partition: bit for bit
+        assert np.array_equal(inner, native) and np.array_equal(pooled, native) and np.array_equal(after, native), \
+            f"max abs diff {max(np.abs(x - native).max() for x in (inner, pooled, after))}"
+
+
+def test_shared_pool_from_several_threads(restore_threads):
+    import threading
+
+    blaspool = _pool_or_skip()
+    rng = np.random.default_rng(1)
+    pairs = [(rng.standard_normal((300, 256), dtype=np.float32), rng.standard_normal((700, 256), dtype=np.float32))
+             for _ in range(4)]
+    refs = [a @ b.T for a, b in pairs]
+    bad = []
+
+    def work(i):
+        a, b = pairs[i]
+        for _ in range(20):
+            with blaspool.shared():
+                if not np.array_equal(a @ b.T, refs[i]):
+                    bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung in a shared-pool GEMM"
+    assert not bad, f"wrong products from threads {sorted(set(bad))}"
+    assert blaspool._depth == 0
+
+
+def test_forward_pass_uses_the_shared_pool(restore_threads, minilm_dir, monkeypatch):
+    import contextlib
+
+    blaspool = _pool_or_skip()
+    model = minibert.BertModel.from_pretrained(minilm_dir)
+    ids = np.random.default_rng(2).integers(1000, 20000, size=(2, 64))  # 128 rows: BLAS GEMMs
+    before = blaspool.calls()
+    shared = model(ids)
+    assert blaspool.calls() > before, "no BLAS job of the forward pass ran on Numba's pool"
+    monkeypatch.setattr(blaspool, "shared", contextlib.nullcontext)
+    own = model(ids)
+    for name in ("last_hidden_state", "pooler_output"):
+        assert np.array_equal(shared[name], own[name]), \
+            f"{name}: max abs diff {np.abs(shared[name] - own[name]).max()}"
+
+
+_WAIT_PROBE = """
+import os, minibert
+from minibert import blaspool
+minibert.set_num_threads(None)
+print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"), blaspool.available())
+"""
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, [str(minibert.threads.SPIN_COUNT), "None", "True"]),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ["None", "ACTIVE", "True"]),
+    ({"GOMP_SPINCOUNT": "123"}, ["123", "None", "True"]),
+    ({"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}, ["None", "PASSIVE", "False"]),
+])
+def test_how_numba_workers_wait(env, expected):
+    """Spin briefly when the BLAS jobs share Numba's pool, sleep at once when they cannot; a
+    setting the user made is kept."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL")}
+    r = subprocess.run([sys.executable, "-c", _WAIT_PROBE], capture_output=True, text=True, env={**base, **env},
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = r.stdout.split()
+    if got[2] == "False" and expected[2] == "True":
+        pytest.skip("Numba's threading layer is not GNU OpenMP or OpenBLAS has no threads callback here")
+    assert got == expected

@@ -1,0 +1,209 @@
+"""One thread pool for the whole forward pass: OpenBLAS's jobs run on Numba's OpenMP threads.
+
+Why: a forward pass alternates GEMMs (OpenBLAS's pthreads pool) with Numba kernels (Numba's
+OpenMP pool). Two pools cannot both keep their idle threads spinning on two cores — a spinning
+Numba thread takes the core OpenBLAS's worker needs, and the other way round — so each pool's
+threads fall asleep between calls and every switch has to wake the other pool. On this kind of
+virtual machine a wake after an idle pause is slow (the vCPU has halted): bert-base at (1, 16)
+took ~60 ms per pass after a 0.3 s pause against ~35 ms back to back. With OpenBLAS's jobs on
+Numba's pool there is one set of threads, and it may spin briefly between regions
+(``GOMP_SPINCOUNT``, set in ``minibert.kernels``): measured, same machine, one process per setting,
+(1, 16) after a 0.3 s pause: bert-base 56–63 -> 31–34 ms, MiniLM 10–13 -> 7–8 ms.
+
+How: OpenBLAS (0.3.27 and later, pthreads builds) takes a callback that runs the ``numjobs``
+jobs of a threaded BLAS call (``openblas_set_threads_callback_function``). The callback here
+opens one OpenMP parallel region of ``numjobs`` threads on the libgomp that Numba's OpenMP
+layer uses (``GOMP_parallel``); thread t runs jobs t, t + team size, ... A team always has all
+``numjobs`` threads at the top level, which OpenBLAS's level-3 jobs need (they wait on each
+other's packed panels). The two functions are a few lines of LLVM IR compiled with llvmlite (a
+dependency of Numba) the first time they are needed: no C compiler, no extension module.
+
+Scope: :func:`shared` installs the callback for the duration of a block (the model's forward
+pass) and puts OpenBLAS's own pool back after it, so BLAS calls elsewhere in the program are
+untouched. Nothing is installed when Numba's threading layer is not OpenMP (GNU libgomp), when
+OpenBLAS lacks the entry point, on non-64-bit or non-Linux platforms, or with
+``MINIBERT_BLAS_ON_NUMBA_POOL=0``.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+
+_lock = threading.Lock()
+_depth = 0
+_state = None  # None: not tried yet; (callback address, [setter functions], (engine, call counter)) or ()
+
+# the OpenBLAS entry point under the names builds export it: plain, and SciPy's/NumPy's wheels'
+# symbol-prefixed builds (64-bit and 32-bit integer interfaces)
+SETTER_NAMES = ("openblas_set_threads_callback_function", "scipy_openblas_set_threads_callback_function64_",
+                "scipy_openblas_set_threads_callback_function")
+
+_IR = """
+%job = type {{ ptr, i64, ptr, i32, i32 }}
+@minibert_blas_calls = global i64 0
+
+define void @minibert_blas_worker(ptr %data) {{
+entry:
+  %tid = call i32 inttoptr (i64 {thread_num} to ptr)()
+  %team = call i32 inttoptr (i64 {num_threads} to ptr)()
+  %f0 = getelementptr %job, ptr %data, i32 0, i32 0
+  %dojob = load ptr, ptr %f0
+  %f1 = getelementptr %job, ptr %data, i32 0, i32 1
+  %elsize = load i64, ptr %f1
+  %f2 = getelementptr %job, ptr %data, i32 0, i32 2
+  %base = load ptr, ptr %f2
+  %f3 = getelementptr %job, ptr %data, i32 0, i32 3
+  %arg = load i32, ptr %f3
+  %f4 = getelementptr %job, ptr %data, i32 0, i32 4
+  %n = load i32, ptr %f4
+  br label %loop
+loop:
+  %i = phi i32 [ %tid, %entry ], [ %next, %body ]
+  %more = icmp slt i32 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %i64 = sext i32 %i to i64
+  %off = mul i64 %i64, %elsize
+  %p = getelementptr i8, ptr %base, i64 %off
+  call void %dojob(i32 %tid, ptr %p, i32 %arg)
+  %next = add i32 %i, %team
+  br label %loop
+done:
+  ret void
+}}
+
+define void @minibert_blas_callback(i32 %sync, ptr %dojob, i32 %numjobs, i64 %elsize, ptr %jobdata, i32 %arg) {{
+entry:
+  %s = alloca %job
+  %f0 = getelementptr %job, ptr %s, i32 0, i32 0
+  store ptr %dojob, ptr %f0
+  %f1 = getelementptr %job, ptr %s, i32 0, i32 1
+  store i64 %elsize, ptr %f1
+  %f2 = getelementptr %job, ptr %s, i32 0, i32 2
+  store ptr %jobdata, ptr %f2
+  %f3 = getelementptr %job, ptr %s, i32 0, i32 3
+  store i32 %arg, ptr %f3
+  %f4 = getelementptr %job, ptr %s, i32 0, i32 4
+  store i32 %numjobs, ptr %f4
+  %c = atomicrmw add ptr @minibert_blas_calls, i64 1 monotonic
+  call void inttoptr (i64 {gomp_parallel} to ptr)(ptr @minibert_blas_worker, ptr %s, i32 %numjobs, i32 0)
+  ret void
+}}
+"""
+
+
+def enabled() -> bool:
+    """False when switched off (``MINIBERT_BLAS_ON_NUMBA_POOL=0``) or on a platform the callback is
+    not written for (it assumes 64-bit Linux: ``size_t`` is 64 bits, libgomp)."""
+    return (os.environ.get("MINIBERT_BLAS_ON_NUMBA_POOL", "1") != "0" and sys.platform.startswith("linux")
+            and sys.maxsize > 2 ** 32)
+
+
+def _gomp():
+    """ctypes handle that resolves symbols in the OpenMP runtime Numba's pool runs on; False when
+    Numba's pool is not GNU OpenMP; None when Numba has not started its pool yet."""
+    import numba
+
+    try:
+        if numba.threading_layer() != "omp":
+            return False
+    except ValueError:  # no parallel kernel has run yet: the layer is not chosen
+        return None
+    from numba.np.ufunc import omppool
+
+    lib = ctypes.CDLL(omppool.__file__)  # dlsym on it searches its dependencies: Numba's libgomp
+    try:
+        lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads
+    except AttributeError:  # an OpenMP runtime without GNU's entry points
+        return False
+    return lib
+
+
+def _setters():
+    """ctypes setter functions of the loaded OpenBLAS libraries that take a threads callback."""
+    from threadpoolctl import threadpool_info
+
+    found = []
+    for info in threadpool_info():
+        if info.get("internal_api") != "openblas" or info.get("threading_layer") != "pthreads":
+            continue
+        try:
+            lib = ctypes.CDLL(info["filepath"])
+        except OSError:
+            continue
+        for name in SETTER_NAMES:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_void_p], None
+                found.append(fn)
+                break
+    return found
+
+
+def _address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def _build():
+    """(callback address, setters, (engine, call counter)); () when this process cannot share the pool; None when
+    it cannot tell yet (Numba has not started its threads)."""
+    if not enabled():
+        return ()
+    gomp = _gomp()
+    if not gomp:
+        return None if gomp is None else ()  # None: ask again later
+    setters = _setters()
+    if not setters:
+        return ()
+    import llvmlite.binding as llvm
+
+    ir = _IR.format(thread_num=_address(gomp.omp_get_thread_num), num_threads=_address(gomp.omp_get_num_threads),
+                    gomp_parallel=_address(gomp.GOMP_parallel))
+    module = llvm.parse_assembly(ir)
+    module.verify()
+    machine = llvm.Target.from_default_triple().create_target_machine(opt=2)
+    engine = llvm.create_mcjit_compiler(module, machine)
+    engine.finalize_object()
+    counter = ctypes.c_int64.from_address(engine.get_global_value_address("minibert_blas_calls"))
+    return engine.get_function_address("minibert_blas_callback"), setters, (engine, counter)
+
+
+def available() -> bool:
+    """Whether BLAS jobs can run on Numba's pool in this process (builds the callback once)."""
+    global _state
+    with _lock:
+        if _state is None:
+            _state = _build()
+        return bool(_state)  # an unknown answer (None) is built again on the next call
+
+
+def calls() -> int:
+    """How many threaded BLAS calls the callback has run in this process (0 if never built)."""
+    return int(_state[2][1].value) if _state else 0
+
+
+@contextlib.contextmanager
+def shared():
+    """Within the block, OpenBLAS's threaded calls run on Numba's OpenMP threads (see the module
+    docstring); outside it OpenBLAS uses its own pool. Nests, and is safe from several threads."""
+    global _depth
+    if not available():  # also before the first parallel kernel ran: then next time
+        yield
+        return
+    address, setters, _ = _state
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            for s in setters:
+                s(address)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for s in setters:
+                    s(None)
