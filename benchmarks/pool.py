@@ -4,6 +4,7 @@ idle pause.
 
     python -m benchmarks.pool [--model base|minilm|all|PATH] [--shapes 1x16,1x128,8x128]
                               [--spin 40000,200000] [--repeats 15] [--rounds 2] [--gap 0.3] [--output FILE]
+    python -m benchmarks.pool --wake
 
 Settings: "shared" (the default: one pool, its idle workers spin for GOMP_SPINCOUNT iterations),
 "own pools" (``MINIBERT_BLAS_ON_NUMBA_POOL=0``: OpenBLAS's threads for the GEMMs, Numba's workers
@@ -13,6 +14,12 @@ repeats the whole sweep, settings alternating, so a noisy stretch of the host hi
 In each process: 5 warm-up passes, then ``--repeats`` pairs of a pass right after the previous
 one ("back to back") and a pass after ``--gap`` seconds of sleep ("after a pause": what a
 request arriving at an idle server sees). Prints medians per setting and writes JSON.
+
+``--wake`` instead measures what a pause costs by itself: the wall time of the first (and second)
+trivial two-thread parallel region after sleeping 5 ms ... 1 s, in this process (the shared-pool
+default), medians of 12. On the machines this project runs on the first region after a pause of
+10 ms or more took ~4 ms, one scheduler tick: the halted vCPU of the worker is slow to come back,
+whatever the thread pool.
 """
 from __future__ import annotations
 
@@ -55,6 +62,37 @@ print(json.dumps(dict(back_to_back_s=b2b, after_pause_s=paused, shared_pool=blas
 """
 
 
+def wake_probe(threads, pauses=(0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0), repeats=12):
+    import numpy as np
+    from numba import njit, prange
+
+    import minibert
+
+    minibert.set_num_threads(threads)
+
+    @njit(parallel=True)
+    def tiny(a):
+        for i in prange(a.size):
+            a[i] += 1.0
+
+    a = np.zeros(threads)
+    tiny(a)
+    rows = []
+    for pause in pauses:
+        first, second = [], []
+        for _ in range(repeats):
+            time.sleep(pause)
+            for acc in (first, second):
+                t = time.perf_counter()
+                tiny(a)
+                acc.append(time.perf_counter() - t)
+        rows.append(dict(pause_s=pause, first_region_us=1e6 * statistics.median(first),
+                         second_region_us=1e6 * statistics.median(second), repeats=repeats))
+        print(f"pause {pause * 1e3:6.0f} ms: first region {rows[-1]['first_region_us']:8.0f} us, "
+              f"second {rows[-1]['second_region_us']:6.0f} us")
+    return rows
+
+
 def settings(spins):
     out = {"shared": {}, "own pools": {"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}}
     for s in spins:
@@ -90,8 +128,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--gap", type=float, default=0.3)
-    p.add_argument("--output", default="benchmarks/results/pool.json")
+    p.add_argument("--wake", action="store_true", help="only time the first parallel region after pauses")
+    p.add_argument("--output", default=None, help="JSON file (default benchmarks/results/pool.json, "
+                                                     "or pool-wake.json with --wake)")
     a = p.parse_args(argv)
+    if a.wake:
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        rows = wake_probe(a.threads)
+        path = write_json(a.output or "benchmarks/results/pool-wake.json",
+                          dict(benchmark="pool --wake", started=started, threads=a.threads, machine=machine(), results=rows))
+        print(f"wrote {path}")
+        return
     models = ["minilm", "base"] if a.model == "all" else [a.model]
     shapes = parse_shapes(a.shapes)
     spins = [int(s) for s in a.spin.split(",") if s.strip()]
@@ -123,7 +170,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['model']:8s} {r['shape']:10s} {r['setting']:34s} {r['back_to_back_ms']:13.2f} "
               f"{r['after_pause_ms']:12.2f}")
-    path = write_json(a.output, dict(benchmark="pool", started=started, threads=a.threads, repeats=a.repeats,
+    path = write_json(a.output or "benchmarks/results/pool.json", dict(benchmark="pool", started=started, threads=a.threads, repeats=a.repeats,
                                      rounds=a.rounds, gap_s=a.gap, machine=machine(), results=rows))
     print(f"wrote {path}")
 

@@ -18,9 +18,9 @@ layer uses (``GOMP_parallel``); thread t runs jobs t, t + team size, ... A team 
 other's packed panels). The two functions are a few lines of LLVM IR compiled with llvmlite (a
 dependency of Numba) the first time they are needed: no C compiler, no extension module.
 
-Scope: :func:`shared` installs the callback for the duration of a block (the model's forward
-pass) and puts OpenBLAS's own pool back after it, so BLAS calls elsewhere in the program are
-untouched. Nothing is installed when Numba's threading layer is not OpenMP (GNU libgomp), when
+Scope: :func:`shared` installs the callback for the duration of a block and puts OpenBLAS's own
+pool back after it, so BLAS calls elsewhere in the program are untouched. Every module's call
+(models, task models, heads, layers: ``minibert.modules.Module``) runs inside it. Nothing is installed when Numba's threading layer is not OpenMP (GNU libgomp), when
 OpenBLAS lacks the entry point, on non-64-bit or non-Linux platforms, or with
 ``MINIBERT_BLAS_ON_NUMBA_POOL=0``.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -171,6 +172,21 @@ def _build():
     return engine.get_function_address("minibert_blas_callback"), setters, (engine, counter)
 
 
+def _after_fork_in_child():
+    """A child forked while a forward pass ran in another thread would inherit the callback, and
+    OpenMP's pool does not survive a fork: give OpenBLAS its own pool back in the child."""
+    global _depth, _lock
+    _lock = threading.Lock()  # the parent's may have been held by the thread that is gone
+    if _depth and _state:
+        for s in _state[1]:
+            s(None)
+    _depth = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def available() -> bool:
     """Whether BLAS jobs can run on Numba's pool in this process (builds the callback once)."""
     global _state
@@ -207,3 +223,12 @@ def shared():
             if _depth == 0:
                 for s in setters:
                     s(None)
+
+
+def on_numba_pool(fn):
+    """``fn`` run inside :func:`shared` (minibert.modules.Module wraps every module's call in it)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with shared():
+            return fn(*args, **kwargs)
+    return call

@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from . import blaspool
 from . import model as F
 from .config import ACTIVATIONS, BertConfig
 
@@ -19,6 +20,16 @@ class Module:
     """A node of the tree: named children, and parameters that live in a params dict."""
 
     _param_names: Tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        """A module's call (and ``forward``, its alias) runs with OpenBLAS's threaded jobs on Numba's
+        threads, so its GEMMs and kernels share one pool (minibert.blaspool)."""
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None:
+            cls.__call__ = blaspool.on_numba_pool(call)
+            if cls.__dict__.get("forward") is call:
+                cls.forward = cls.__call__
 
     def __init__(self, params: Dict | None = None):
         object.__setattr__(self, "_params", params if params is not None else {})

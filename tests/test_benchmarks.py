@@ -119,3 +119,13 @@ def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
         assert row["back_to_back_ms"] > 0 and row["after_pause_ms"] > 0 and row["samples"] == 2
         assert row["shared_pool"] is (setting != "own pools") or not got[(shape, "shared")]["shared_pool"]
     assert "after pause" in r.stdout
+
+
+def test_pool_wake_probe_times_the_first_region_after_each_pause(tmp_path):
+    out = tmp_path / "w.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--wake", "--output", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [row["pause_s"] for row in rows] == sorted(row["pause_s"] for row in rows) and len(rows) >= 5
+    assert all(row["first_region_us"] > 0 and row["second_region_us"] > 0 for row in rows)

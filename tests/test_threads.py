@@ -186,3 +186,21 @@ def test_how_numba_workers_wait(env, expected):
     if got[2] == "False" and expected[2] == "True":
         pytest.skip("Numba's threading layer is not GNU OpenMP or OpenBLAS has no threads callback here")
     assert got == expected
+
+
+def test_a_child_forked_during_a_forward_pass_gets_openblas_pool_back(restore_threads):
+    import os
+
+    blaspool = _pool_or_skip()
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    a = np.random.default_rng(3).standard_normal((400, 300)).astype(np.float32)
+    ref = a @ a.T
+    with blaspool.shared():
+        pid = os.fork()
+        if pid == 0:  # the child: the callback is gone, and BLAS works on OpenBLAS's own threads
+            before = blaspool.calls()
+            ok = np.array_equal(a @ a.T, ref) and blaspool.calls() == before and blaspool._depth == 0
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
