@@ -125,16 +125,10 @@ def _gomp():
 
 def _setters():
     """ctypes setter functions of the loaded OpenBLAS libraries that take a threads callback."""
-    from threadpoolctl import threadpool_info
+    from .threads import openblas_pthreads_libraries
 
     found = []
-    for info in threadpool_info():
-        if info.get("internal_api") != "openblas" or info.get("threading_layer") != "pthreads":
-            continue
-        try:
-            lib = ctypes.CDLL(info["filepath"])
-        except OSError:
-            continue
+    for _, lib in openblas_pthreads_libraries():
         for name in SETTER_NAMES:
             fn = getattr(lib, name, None)
             if fn is not None:

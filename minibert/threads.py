@@ -65,27 +65,38 @@ def bound_openblas_spinning(timeout: int = SPIN_TIMEOUT) -> list:
     (``blas_thread_shutdown_``, what OpenBLAS itself does in a forked child); the next BLAS call
     starts the pool again with the new timeout. Libraries without these entry points (other BLAS
     vendors, OpenMP builds) are left alone, as is a timeout the user set."""
-    import ctypes
-
-    from threadpoolctl import threadpool_info
-
     if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
         return []
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(timeout)
     changed = []
-    for info in threadpool_info():
-        if info.get("internal_api") != "openblas" or info.get("threading_layer") != "pthreads":
-            continue
+    for path, lib in openblas_pthreads_libraries():
         try:
-            lib = ctypes.CDLL(info["filepath"])
             read_env, shutdown, current = lib.openblas_read_env, lib.blas_thread_shutdown_, lib.openblas_thread_timeout
-        except (OSError, AttributeError):
+        except AttributeError:
             continue
         read_env()
         if current() == timeout:
             shutdown()
-            changed.append(info["filepath"])
+            changed.append(path)
     return changed
+
+
+def openblas_pthreads_libraries() -> list:
+    """[(path, ctypes handle)] of the OpenBLAS libraries loaded in this process that run their own
+    pthreads pool (threadpoolctl finds them; OpenMP builds are left out)."""
+    import ctypes
+
+    from threadpoolctl import threadpool_info
+
+    found = []
+    for info in threadpool_info():
+        if info.get("internal_api") != "openblas" or info.get("threading_layer") != "pthreads":
+            continue
+        try:
+            found.append((info["filepath"], ctypes.CDLL(info["filepath"])))
+        except OSError:
+            continue
+    return found
 
 
 SPIN_COUNT = 100_000  # GOMP_SPINCOUNT: busy-wait iterations of an idle Numba worker, about 2.5 ms here
