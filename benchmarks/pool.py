@@ -114,9 +114,22 @@ def run_child(env_extra, name, B, T, threads, repeats, gap):
 
 def parse_shapes(text):
     try:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
     except ValueError:
-        raise SystemExit(f"--shapes {text!r}: expected e.g. 1x16,8x128") from None
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise SystemExit(f"--shapes {text!r}: expected positive batch x length pairs, e.g. 1x16,8x128")
+    return shapes
+
+
+def parse_spins(text):
+    try:
+        spins = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        spins = [-1]
+    if any(s < 0 for s in spins):
+        raise SystemExit(f"--spin {text!r}: expected comma-separated non-negative integers, e.g. 40000,200000")
+    return spins
 
 
 def main(argv=None):
@@ -141,7 +154,7 @@ def main(argv=None):
         return
     models = ["minilm", "base"] if a.model == "all" else [a.model]
     shapes = parse_shapes(a.shapes)
-    spins = [int(s) for s in a.spin.split(",") if s.strip()]
+    spins = parse_spins(a.spin)
     conf = settings(spins)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     samples = {}  # (model, shape, setting) -> {"back_to_back_s": [...], "after_pause_s": [...]}

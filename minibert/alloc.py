@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from .switches import switch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP = 32 << 20  # glibc's largest allowed mmap threshold on 64-bit
@@ -31,7 +32,7 @@ def keep_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    if os.environ.get("MINIBERT_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if not switch("MINIBERT_KEEP_FREED_MEMORY") or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

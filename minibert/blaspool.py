@@ -33,6 +33,8 @@ import os
 import sys
 import threading
 
+from .switches import switch
+
 _lock = threading.Lock()
 _depth = 0
 _state = None  # None: not tried yet; (callback address, [setter functions], (engine, call counter)) or ()
@@ -99,8 +101,7 @@ entry:
 def enabled() -> bool:
     """False when switched off (``MINIBERT_BLAS_ON_NUMBA_POOL=0``) or on a platform the callback is
     not written for (it assumes 64-bit Linux: ``size_t`` is 64 bits, libgomp)."""
-    return (os.environ.get("MINIBERT_BLAS_ON_NUMBA_POOL", "1") != "0" and sys.platform.startswith("linux")
-            and sys.maxsize > 2 ** 32)
+    return switch("MINIBERT_BLAS_ON_NUMBA_POOL") and sys.platform.startswith("linux") and sys.maxsize > 2 ** 32
 
 
 def _gomp():

@@ -113,13 +113,14 @@ def configure_omp_waiting() -> str:
       they need (measured on 2 cores: MiniLM (8, 128) 348 ms per pass with spinning, 260 ms without):
       ``OMP_WAIT_POLICY=PASSIVE``.
     A value the user set for either variable is kept, and nothing is changed."""
+    from .blaspool import _setters, enabled
+
+    shared = enabled()  # read even when the user chose the wait policy: a mistyped switch fails at import
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return "user"
     import numpy  # noqa: F401  (loads NumPy's BLAS, which _setters looks for; OPENBLAS_THREAD_TIMEOUT is set by now)
 
-    from .blaspool import _setters, enabled
-
-    if enabled() and _setters():
+    if shared and _setters():
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
         return f"GOMP_SPINCOUNT={SPIN_COUNT}"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

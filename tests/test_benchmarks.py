@@ -129,3 +129,12 @@ def test_pool_wake_probe_times_the_first_region_after_each_pause(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [row["pause_s"] for row in rows] == sorted(row["pause_s"] for row in rows) and len(rows) >= 5
     assert all(row["first_region_us"] > 0 and row["second_region_us"] > 0 for row in rows)
+
+
+def test_pool_benchmark_rejects_bad_shapes_and_spins():
+    for args, msg in ((["--shapes", "0x16"], "--shapes '0x16': expected positive"),
+                      (["--shapes", "1x"], "--shapes '1x': expected positive"),
+                      (["--spin", "fast"], "--spin 'fast': expected comma-separated non-negative integers")):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.pool", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]

@@ -204,3 +204,22 @@ def test_a_child_forked_during_a_forward_pass_gets_openblas_pool_back(restore_th
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("raw,expected", [("", True), ("1", True), ("on", True), (" False ", False), ("0", False)])
+def test_env_switches(raw, expected, monkeypatch):
+    from minibert.switches import switch
+
+    monkeypatch.setenv("MINIBERT_TEST_SWITCH", raw)
+    assert switch("MINIBERT_TEST_SWITCH") is expected
+
+
+def test_a_mistyped_env_switch_is_an_error():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MINIBERT_BLAS_ON_NUMBA_POOL": "maybe"}
+    r = subprocess.run([sys.executable, "-c", "import minibert"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0
+    assert "environment variable MINIBERT_BLAS_ON_NUMBA_POOL='maybe'; expected 1 or 0" in r.stderr, r.stderr[-2000:]
