@@ -50,6 +50,10 @@ def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir
         raise FileNotFoundError(f"{model_dir} has no config.json")
     config = BertConfig.from_json_file(config_path, strict=True, **config_overrides)
     params, heads = load_weights(model_dir, config, dt, pooler=pooler)
+    # read-only: no one else holds these arrays, and a weight that cannot change in place can be
+    # packed once for the few-row GEMM (kernels/gemm.py); a new value is assigned instead
+    for arr in (*params.values(), *heads.values()):
+        arr.flags.writeable = False
     name = os.fspath(name_or_path) if name_or_path is not None else str(model_dir)
     return config, params, heads, name
 
@@ -60,6 +64,8 @@ def _fuse_qkv(p):
     originals were read from are handed back to the OS."""
     w, b = F.fuse_qkv(p["query"], p["key"], p["value"])
     old = [p[n]["weight"] for n in ("query", "key", "value")]
+    if not any(p[n][t].flags.writeable for n in ("query", "key", "value") for t in ("weight", "bias")):
+        w.flags.writeable = b.flags.writeable = False  # read-only as the originals were (see load_pretrained)
     H = p["query"]["weight"].shape[0]
     for i, n in enumerate(("query", "key", "value")):
         p[n]["weight"], p[n]["bias"] = w[i * H:(i + 1) * H], b[i * H:(i + 1) * H]
