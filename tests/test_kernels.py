@@ -321,10 +321,10 @@ def test_attention_reference_is_softmax_of_scaled_scores_times_v():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (4, 3, 8), (7, 10, 33), (16, 768, 96), (17, 4, 50),
-                                   (50, 12, 30), (0, 6, 5), (5, 6, 0), (6, 0, 5)])
+                                   (50, 12, 30), (0, 6, 5), (5, 6, 0), (6, 0, 5), (18, 50, 40), (130, 24, 7)])
 def test_gemm_matches_reference(dtype, shape):
-    """Every version against x·Wᵀ on shapes that leave row and column tails (N % 4, out % 3) and
-    on empty ones; inputs at BERT's scales (weights ~0.02) so a float32 sum of ~800 products
+    """Every version against x·Wᵀ on shapes that leave row and column tails (N % 4, out % 3, out %
+    24 and % 12: numba_packed's panels) and on empty ones, with writable and read-only weights; inputs at BERT's scales (weights ~0.02) so a float32 sum of ~800 products
     stays within the kernel tolerance."""
     N, out_f, in_f = shape
     rng = np.random.default_rng(11)
@@ -332,10 +332,13 @@ def test_gemm_matches_reference(dtype, shape):
     w = (0.02 * rng.standard_normal((out_f, in_f))).astype(dtype)
     ref = get("gemm", "numpy")(x, w)
     np.testing.assert_allclose(ref, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-6)
+    frozen = w.copy()
+    frozen.flags.writeable = False  # as from_pretrained loads weights: numba_packed keeps its panels
     for v in versions("gemm"):
-        y = get("gemm", v)(x, w)
-        assert y.dtype == x.dtype and y.shape == (N, out_f)
-        assert_close(y, ref, tol(dtype), f"gemm/{v} {dtype} {shape}")
+        for weight, kind in ((w, "writable"), (frozen, "read-only"), (frozen, "read-only, packed before")):
+            y = get("gemm", v)(x, weight)
+            assert y.dtype == x.dtype and y.shape == (N, out_f)
+            assert_close(y, ref, tol(dtype), f"gemm/{v} {dtype} {shape} {kind} weight")
 
 
 @pytest.mark.parametrize("version", available("gemm"))
@@ -369,13 +372,65 @@ def test_gemm_rejects_mismatched_shapes(version):
         f(np.ones((4, 6), np.float32), w, out=np.empty((3, 4), np.float32))
 
 
-def test_gemm_auto_takes_the_numba_kernel_for_few_rows_only(monkeypatch):
+def test_gemm_auto_takes_the_4x3_kernel_for_few_rows_of_a_writable_weight(monkeypatch):
     from minibert.kernels import gemm as G
 
     called = []
     monkeypatch.setattr(G, "_gemm_4x3", lambda x, w, out: called.append(x.shape[0]) or out.fill(0))
-    w = np.ones((6, 5), np.float32)
+    w = np.ones((6, 5), np.float32)  # writable: read-only weights go to numba_packed (next test)
     G.gemm_auto(np.ones((G.SMALL_N, 5), np.float32), w)
     G.gemm_auto(np.ones((G.SMALL_N + 1, 5), np.float32), w)
     G.gemm_auto(np.ones((3, 5)), w)  # mixed dtypes: BLAS
     assert called == [G.SMALL_N]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_packed_row_blocks(monkeypatch, dtype):
+    """Many row blocks (a tiny BLOCK_BYTES), blocks whose rows leave a tile tail, and the padded
+    last panel in every block: the same values as the reference."""
+    from minibert.kernels import gemm as G
+
+    monkeypatch.setattr(G, "BLOCK_BYTES", 600)
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((203, 37)).astype(dtype)
+    w = (0.05 * rng.standard_normal((53, 37))).astype(dtype)
+    assert 1 < G.block_rows(x) < x.shape[0] and G.block_rows(x) % G.TILE_ROWS == 0
+    assert_close(G.gemm_numba_packed(x, w), x @ w.T, tol(dtype), f"gemm/numba_packed {dtype} row blocks")
+
+
+def test_gemm_packed_keeps_panels_of_read_only_weights_only():
+    """A read-only weight is packed once and its panels dropped with it; a writable one is packed
+    on every call, so an in-place change is seen by the next product."""
+    import gc
+
+    from minibert.kernels import gemm as G
+
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    w = rng.standard_normal((30, 16)).astype(np.float32)
+    assert G.packed(w) is not G.packed(w)
+    G.gemm_numba_packed(x, w)
+    w[3] = 0.0
+    assert_close(G.gemm_numba_packed(x, w), x @ w.T, TOL["kernel_fp32"], "gemm/numba_packed after an edit")
+    w.flags.writeable = False
+    panels = G.packed(w)
+    assert G.packed(w) is panels and panels.shape == (2, 16, G.panel_width(np.float32))
+    assert (panels[1, :, 6:] == 0).all()  # columns past 30: zero padding
+    n = len(G._PACKED)
+    del w, panels
+    gc.collect()
+    assert len(G._PACKED) == n - 1, "the panels outlived their weight"
+
+
+def test_gemm_auto_packs_read_only_weights(monkeypatch):
+    from minibert.kernels import gemm as G
+
+    called = []
+    monkeypatch.setattr(G, "_gemm_packed", lambda x, wp, out, rows: called.append(x.shape[0]) or out.fill(0))
+    w = np.ones((6, 5), np.float32)
+    G.gemm_auto(np.ones((3, 5), np.float32), w)  # writable: numba_4x3
+    w.flags.writeable = False
+    G.gemm_auto(np.ones((3, 5), np.float32), w)
+    G.gemm_auto(np.ones((500, 5), np.float32), w)  # any number of rows
+    G.gemm_auto(np.ones((3, 5)), w)  # mixed dtypes: BLAS
+    assert called == [3, 500]

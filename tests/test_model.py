@@ -139,6 +139,35 @@ def test_replacing_q_k_or_v_unfuses_the_projection(tiny_dir):
                  TOL["fp32"], "after replacing key.weight")
 
 
+def test_loaded_weights_are_read_only_and_a_new_one_takes_effect(tiny_dir):
+    """from_pretrained's weights are read-only (the dense layers run on panels packed from them
+    once: kernels/gemm.py), so editing one in place fails loudly instead of being ignored;
+    assigning a new array takes effect, and so do later in-place edits of that (writable) array."""
+    import torch
+
+    rng = np.random.default_rng(7)
+    ids, mask, _ = random_batch(rng, TINY, B=2, T=6)
+    ours = BertModel.from_pretrained(tiny_dir)
+    ours(ids, attention_mask=mask)  # the panels exist now
+    dense = ours.encoder.layer[1].intermediate.dense
+    assert not any(a.flags.writeable for _, a in ours.named_parameters())
+    with pytest.raises(ValueError, match="read-only"):
+        dense.weight[0, 0] = 1.0
+    hf = hf_model(tiny_dir)
+    valid = mask == 1
+    w = rng.standard_normal(dense.weight.shape).astype(np.float32) * 0.1
+    for step in ("assigned", "edited in place"):
+        if step == "assigned":
+            dense.weight = w
+        else:
+            w[:3] *= -2.0  # the model holds w itself (same dtype and shape): the edit is seen
+        with torch.no_grad():
+            hf.encoder.layer[1].intermediate.dense.weight.copy_(torch.from_numpy(w))
+        theirs = hf_forward(hf, input_ids=ids, attention_mask=mask)
+        assert_close(ours(ids, attention_mask=mask).last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid],
+                     TOL["fp32"], f"intermediate.dense.weight {step}")
+
+
 @pytest.mark.parametrize("kernels", ["numba", "numpy"])
 def test_all_zero_mask_row_is_finite_and_matches(tiny_dir, kernels):
     rng = np.random.default_rng(4)
