@@ -106,10 +106,10 @@ def release_pages(*arrays) -> None:
     import mmap
 
     for arr in arrays:
-        base = arr
-        while base is not None and not isinstance(base, np.memmap):
+        base = arr  # the map itself, under the memmap views that slicing it made
+        while base is not None and _OWN_MAPS.get(id(base)) is not base:
             base = getattr(base, "base", None)
-        if base is None or _OWN_MAPS.get(id(base)) is not base:
+        if base is None:
             continue
         mm = getattr(base, "_mmap", None)
         if mm is None or not hasattr(mm, "madvise"):

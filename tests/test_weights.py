@@ -271,3 +271,32 @@ def test_release_pages_drops_only_our_own_unmodified_maps(tmp_path, tiny_dir):
     before = np.array(arr)
     release_pages(arr)  # ours: dropped, and read back from the file when touched again
     np.testing.assert_array_equal(arr, before)
+
+
+def _mapped_rss_kb(path):  # resident kB of this process's mappings of ``path`` (/proc/self/smaps)
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 6 and "-" in head[0] and ":" in head[3]:  # a mapping's header line
+            inside = head[5] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_release_pages_really_drops_the_pages_of_a_loaded_tensor(tmp_path):
+    """A tensor read_safetensors mapped (a view of a memmap slice of the file's map) leaves the
+    process's RSS when released, and reads back unchanged."""
+    from minibert.weights import read_safetensors, release_pages
+
+    path = tmp_path / "big.safetensors"
+    save_file({"w": np.arange(2 << 20, dtype=np.float32).reshape(2048, 1024)}, str(path))
+    arr = read_safetensors([path])["w"]
+    total = float(arr.sum(dtype=np.float64))  # every page touched
+    before = _mapped_rss_kb(path)
+    assert before > 7000, f"the 8 MB tensor is not resident: {before} kB"
+    release_pages(arr)
+    after = _mapped_rss_kb(path)
+    assert after < before - 7000, f"resident kB of the mapping: {before} before release, {after} after"
+    assert float(arr.sum(dtype=np.float64)) == total
