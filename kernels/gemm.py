@@ -1,7 +1,7 @@
 """The dense layers' matrix product, without bias: ``y = x · Wᵀ``.
 
 Signature of every version: ``gemm(x, weight, out=None) -> y`` with ``x`` [N, in], ``weight``
-[out, in] (the checkpoint's nn.Linear layout, never transposed or repacked) and ``y`` [N, out]
+[out, in] (the checkpoint's nn.Linear layout; numba_packed works on a packed copy of it) and ``y`` [N, out]
 in ``x``'s dtype; ``out``, if given, an [N, out] array (any strides) that receives ``y``. The
 bias is added by the pass that follows (activation or LayerNorm, see their ``bias=`` arguments).
 
@@ -125,10 +125,14 @@ def gemm_numba_4x3(x, weight, out=None):
     shape = _check(x, weight, out)
     if not _numba_ok(x, weight):  # mixed or other dtypes, strided inputs: BLAS handles them
         return gemm_numpy(x, weight, out)
+    return _into(out, shape, x.dtype, _gemm_4x3, x, weight)
+
+
+def _into(out, shape, dtype, kernel, *args):  # kernel(*args, y) into a C-contiguous y: out or a new array
     direct = out is not None and out.flags.c_contiguous
-    y = out if direct else np.empty(shape, dtype=x.dtype)
+    y = out if direct else np.empty(shape, dtype=dtype)
     if y.size:
-        _gemm_4x3(x, weight, y)
+        kernel(*args, y)
     if out is not None and not direct:  # a column block of a wider array (project_qkv's fallback)
         out[...] = y
         return out
@@ -284,14 +288,11 @@ def gemm_numba_packed(x, weight, out=None):
     shape = _check(x, weight, out)
     if not _packed_ok(x, weight):
         return gemm_numba_4x3(x, weight, out)  # its own fallbacks: BLAS for other dtypes and strides
-    direct = out is not None and out.flags.c_contiguous
-    y = out if direct else np.empty(shape, dtype=x.dtype)
-    if y.size:
-        _gemm_packed(x, packed(weight), y, block_rows(x))
-    if out is not None and not direct:
-        out[...] = y
-        return out
-    return y
+    return _into(out, shape, x.dtype, _packed_product, x, weight)
+
+
+def _packed_product(x, weight, y):
+    _gemm_packed(x, packed(weight), y, block_rows(x))
 
 
 @register("gemm", "auto", default=True)

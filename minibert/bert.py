@@ -51,7 +51,7 @@ def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir
     config = BertConfig.from_json_file(config_path, strict=True, **config_overrides)
     params, heads = load_weights(model_dir, config, dt, pooler=pooler)
     # read-only: no one else holds these arrays, and a weight that cannot change in place can be
-    # packed once for the few-row GEMM (kernels/gemm.py); a new value is assigned instead
+    # packed once for the dense layers' GEMM (kernels/gemm.py); a new value is assigned instead
     for arr in (*params.values(), *heads.values()):
         arr.flags.writeable = False
     name = os.fspath(name_or_path) if name_or_path is not None else str(model_dir)

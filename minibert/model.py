@@ -14,7 +14,8 @@ functions (``layer(x, mask, **params["encoder"]["layer"][3], ...)``), so
 
 ``k`` is the kernel set, ``{op: function}`` from :func:`minibert.kernels.select`: the only
 difference between ``kernels="numpy"`` and ``kernels="numba"``. The encoder's dense layers call
-``k["gemm"]`` (BLAS, or for a few rows a Numba kernel that skips BLAS's weight repacking: see
+``k["gemm"]`` (a Numba kernel on a copy of each read-only weight packed once into panels, or for
+a writable weight BLAS and, for a few rows, a Numba kernel that reads it in place: see
 kernels/gemm.py); the attention kernel does the per-head products (kernels/attention.py), and
 the pooler and task heads' layers go to NumPy's BLAS.
 
