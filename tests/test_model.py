@@ -122,21 +122,31 @@ def test_all_zero_mask_row_packed_is_zero_not_nan(tiny_dir):
 
 
 def test_replacing_q_k_or_v_unfuses_the_projection(tiny_dir):
-    """Q/K/V run as one GEMM over weights fused at load; assigning one of them must take effect."""
+    """Q/K/V run as one GEMM over weights fused at load; assigning one of them must take effect,
+    also after a forward pass has seen (and remembered) the fused arrays."""
     import torch
 
     rng = np.random.default_rng(6)
     ids, mask, _ = random_batch(rng, TINY, B=2, T=6)
     ours = BertModel.from_pretrained(tiny_dir)
     hf = hf_model(tiny_dir)
-    w = rng.standard_normal(ours.encoder.layer[0].attention.self.key.weight.shape).astype(np.float32) * 0.1
-    ours.encoder.layer[0].attention.self.key.weight = w
-    with torch.no_grad():
-        hf.encoder.layer[0].attention.self.key.weight.copy_(torch.from_numpy(w))
-    theirs = hf_forward(hf, input_ids=ids, attention_mask=mask)
     valid = mask == 1
-    assert_close(ours(ids, attention_mask=mask).last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid],
-                 TOL["fp32"], "after replacing key.weight")
+    ours(ids, attention_mask=mask)  # fused: model.fused_qkv remembers the answer for these arrays
+    attn = ours.encoder.layer[0].attention.self
+    w = rng.standard_normal(attn.key.weight.shape).astype(np.float32) * 0.1
+    b = rng.standard_normal(attn.value.bias.shape).astype(np.float32) * 0.1
+    for what in ("key.weight", "value.bias"):
+        if what == "key.weight":
+            attn.key.weight = w
+            with torch.no_grad():
+                hf.encoder.layer[0].attention.self.key.weight.copy_(torch.from_numpy(w))
+        else:
+            attn.value.bias = b
+            with torch.no_grad():
+                hf.encoder.layer[0].attention.self.value.bias.copy_(torch.from_numpy(b))
+        theirs = hf_forward(hf, input_ids=ids, attention_mask=mask)
+        assert_close(ours(ids, attention_mask=mask).last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid],
+                     TOL["fp32"], f"after replacing {what}")
 
 
 def test_loaded_weights_are_read_only_and_a_new_one_takes_effect(tiny_dir):
