@@ -146,23 +146,25 @@ TILE_ROWS = 4
 
 
 def _tile_kernel(rows):
-    """A Numba intrinsic ``tile(x, i, wp, p, out, c)``: ``out[i:i+rows, c:c+NR] = x[i:i+rows] @
-    wp[p]`` for C-contiguous ``x`` [M, K], panels ``wp`` [P, K, NR] and ``out`` [M, >= c+NR].
+    """A Numba intrinsic ``tile(x, i, wp, p, out, c, pf, pfs)``: ``out[i:i+rows, c:c+NR] =
+    x[i:i+rows] @ wp[p]`` for C-contiguous ``x`` [M, K], panels ``wp`` [P, K, NR] and ``out``
+    [M, >= c+NR]; while at it, step k prefetches element ``pf + k·pfs`` of ``wp`` (flat) into L2.
 
     The loop over K is built as LLVM IR: ``rows`` x 3 vector accumulators (allocas that LLVM's
     mem2reg turns into registers), each step 3 vector loads of the panel, ``rows`` broadcasts of
-    x and one ``llvm.fma`` per accumulator. No bounds checks: the caller passes valid tiles."""
+    x, one ``llvm.fma`` per accumulator and one ``llvm.prefetch``. No bounds checks: the caller
+    passes valid tiles (a prefetch never faults, whatever the address)."""
 
     @intrinsic
-    def tile(typingctx, x, i, wp, p, out, c):
+    def tile(typingctx, x, i, wp, p, out, c, pf, pfs):
         if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.float64) and x.dtype == wp.dtype
                 and x.dtype == out.dtype):
             return None
-        sig = types.void(x, i, wp, p, out, c)
+        sig = types.void(x, i, wp, p, out, c, pf, pfs)
 
         def codegen(context, builder, sig, args):
             xa, wa, oa = (context.make_array(sig.args[n])(context, builder, args[n]) for n in (0, 2, 4))
-            i0, p, c0 = (context.cast(builder, args[n], sig.args[n], types.int64) for n in (1, 3, 5))
+            i0, p, c0, pf, pfs = (context.cast(builder, args[n], sig.args[n], types.int64) for n in (1, 3, 5, 6, 7))
             ft = context.get_data_type(sig.args[0].dtype)
             lanes = VECTOR_BYTES // context.get_abi_sizeof(ft)
             vt, i64, i32 = ir.VectorType(ft, lanes), ir.IntType(64), ir.IntType(32)
@@ -175,12 +177,18 @@ def _tile_kernel(rows):
             const = lambda n: ir.Constant(i64, n)  # noqa: E731
             zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * lanes)
             splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+            i8p = ir.IntType(8).as_pointer()
+            prefetch = cgutils.get_or_insert_function(  # (address, read, locality 2 = L2 and out, data)
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+            ahead = builder.gep(wa.data, [pf])
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(PANEL_VECTORS)] for _ in range(rows)]
             panel = builder.gep(wa.data, [builder.mul(p, builder.mul(K, NR))])  # wp[p, 0, 0]
             xrow = [builder.gep(xa.data, [builder.mul(builder.add(i0, const(r)), K)]) for r in range(rows)]
             with cgutils.for_range(builder, K) as loop:
                 k = loop.index
                 step = builder.gep(panel, [builder.mul(k, NR)])  # wp[p, k, :]
+                builder.call(prefetch, [builder.bitcast(builder.gep(ahead, [builder.mul(k, pfs)]), i8p),
+                                        ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
                 b = [builder.load(builder.bitcast(builder.gep(step, [const(v * lanes)]), vt.as_pointer()), align=4)
                      for v in range(PANEL_VECTORS)]
                 for r in range(rows):
@@ -205,17 +213,34 @@ _tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r) for r in (4, 3, 2, 1))
 
 
 @njit(inline="always")
-def _tiles(x, i0, i1, wp, p, out, c):  # rows i0:i1 of x against panel p, into out[i0:i1, c:c+NR]
+def _tiles(x, i0, i1, wp, p, out, c, q):
+    # rows i0:i1 of x against panel p, into out[i0:i1, c:c+NR]; meanwhile the tiles prefetch
+    # panel q (the thread's next), each tile its share of the panel's [K, NR] columns
+    K, NR = wp.shape[1], wp.shape[2]
+    share = -(-NR // -(-(i1 - i0) // TILE_ROWS))  # columns of panel q per tile
     M4 = i1 - (i1 - i0) % TILE_ROWS
     for i in range(i0, M4, TILE_ROWS):
-        _tile4(x, i, wp, p, out, c)
+        pf, pfs = _ahead(q, K, NR, share, (i - i0) // TILE_ROWS)
+        _tile4(x, i, wp, p, out, c, pf, pfs)
+    pf, pfs = _ahead(q, K, NR, share, (M4 - i0) // TILE_ROWS)
     rest = i1 - M4
     if rest == 3:
-        _tile3(x, M4, wp, p, out, c)
+        _tile3(x, M4, wp, p, out, c, pf, pfs)
     elif rest == 2:
-        _tile2(x, M4, wp, p, out, c)
+        _tile2(x, M4, wp, p, out, c, pf, pfs)
     elif rest == 1:
-        _tile1(x, M4, wp, p, out, c)
+        _tile1(x, M4, wp, p, out, c, pf, pfs)
+
+
+@njit(inline="always")
+def _ahead(q, K, NR, share, j):
+    # (first element, elements per k step) that tile j prefetches: columns j·share... of panel q,
+    # read k-major, i.e. the flat range q·K·NR + j·share·K + [0, share·K). Past the panel's
+    # columns (more tiles than columns), the panel's first line again: a no-op
+    start = j * share
+    if start >= NR:
+        return q * K * NR, 0
+    return q * K * NR + start * K, share
 
 
 @njit(parallel=True, cache=True)
@@ -230,11 +255,12 @@ def _gemm_packed(x, wp, out, block_rows):
         b, p = t // P, t % P
         i0 = b * block_rows
         i1 = min(M, i0 + block_rows)
+        q = (p + 1) % P  # the panel of task t + 1, this thread's next under a static schedule
         if p < full:
-            _tiles(x, i0, i1, wp, p, out, p * NR)
+            _tiles(x, i0, i1, wp, p, out, p * NR, q)
         else:  # the padded last panel: through a scratch tile, then its real columns
             tmp = np.empty((M, NR), dtype=out.dtype)
-            _tiles(x, i0, i1, wp, p, tmp, 0)
+            _tiles(x, i0, i1, wp, p, tmp, 0, q)
             out[i0:i1, p * NR:] = tmp[i0:i1, :N - p * NR]
 
 
