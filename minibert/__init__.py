@@ -22,7 +22,9 @@ else:  # does nothing if the user set the variable
 # (minibert.blaspool), else sleep at once so they leave the cores to OpenBLAS's threads. Set before
 # any parallel kernel starts the pool; a value the user set is kept.
 from .threads import configure_omp_waiting as _omp_waiting  # noqa: E402
+from .threads import prefer_openmp_layer as _prefer_omp  # noqa: E402
 
+_prefer_omp()  # the one pool needs Numba's OpenMP layer, which it would not pick with tbb installed
 _omp_waiting()
 
 from .bert import BertModel

@@ -226,3 +226,33 @@ def test_a_mistyped_env_switch_is_an_error():
     r = subprocess.run([sys.executable, "-c", "import minibert"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0
     assert "environment variable MINIBERT_BLAS_ON_NUMBA_POOL='maybe'; expected 1 or 0" in r.stderr, r.stderr[-2000:]
+
+
+_LAYER_PROBE = """
+import sys
+if sys.argv[1] == "numba-first":
+    import numba  # noqa: F401
+import minibert
+import numba
+print(" ".join(numba.config.THREADING_LAYER_PRIORITY))
+"""
+
+
+@pytest.mark.parametrize("env,order,expected", [
+    ({}, "minibert-first", "omp tbb workqueue"),
+    ({}, "numba-first", "omp tbb workqueue"),
+    ({"NUMBA_THREADING_LAYER_PRIORITY": "workqueue omp tbb"}, "minibert-first", "workqueue omp tbb"),
+    ({"NUMBA_THREADING_LAYER": "workqueue"}, "minibert-first", "tbb omp workqueue"),  # Numba's own default
+])
+def test_numba_is_asked_for_its_openmp_layer_first(env, order, expected):
+    """With the tbb package installed Numba would pick TBB, and the one thread pool needs OpenMP;
+    minibert puts OpenMP first, also when numba was imported before it, unless the user chose."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    r = subprocess.run([sys.executable, "-c", _LAYER_PROBE, order], capture_output=True, text=True,
+                       env={**base, **env}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected
