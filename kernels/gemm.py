@@ -302,15 +302,22 @@ def packed(weight):
     read-only (it cannot change under the copy); a writable weight is packed anew every call."""
     if weight.flags.writeable:
         return pack(weight)
-    key = id(weight)
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is weight:
-        return hit[1]
+    panels = _kept(weight)
+    if panels is not None:
+        return panels
     panels = pack(weight)
+    key = id(weight)
     _PACKED[key] = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), panels)
     from ..weights import release_pages  # a weight mapped from its file leaves the RSS: the panels
     release_pages(weight)  # are what is read now (a BLAS call on a large batch maps its pages back)
     return panels
+
+
+def _kept(weight):  # the panels kept for ``weight`` if it is read-only and was packed before, else None
+    hit = _PACKED.get(id(weight))
+    if hit is None or hit[0]() is not weight or weight.flags.writeable:  # made writable after packing
+        return None
+    return hit[1]
 
 
 def _packed_ok(x, weight):
@@ -333,12 +340,12 @@ def _packed_product(x, weight, y):
 def gemm_auto(x, weight, out=None):
     # the common case first, with the fewest checks: a read-only weight packed on an earlier call
     # (a few rows' product is ~10 µs, so the ~4 µs of the general path below is worth skipping)
-    hit = _PACKED.get(id(weight))
-    if (hit is not None and out is None and hit[0]() is weight and not weight.flags.writeable
-            and x.ndim == 2 and x.dtype == weight.dtype and x.flags.c_contiguous and x.shape[1] == weight.shape[1]):
+    panels = _kept(weight) if out is None else None
+    if (panels is not None and x.ndim == 2 and x.dtype == weight.dtype and x.flags.c_contiguous
+            and x.shape[1] == weight.shape[1]):
         y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
         if y.size:
-            _gemm_packed(x, hit[1], y, block_rows(x))
+            _gemm_packed(x, panels, y, block_rows(x))
         return y
     if x.ndim == 2 and not weight.flags.writeable and _packed_ok(x, weight):
         return gemm_numba_packed(x, weight, out)

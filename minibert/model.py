@@ -124,8 +124,8 @@ def fused_qkv(query, key, value):  # -> (weight [3H, H], bias [3H]) or None
     BertModel sets up at load); None after one was replaced, e.g. ``...query.weight = w``.
 
     The answer depends only on which six arrays the dicts hold (an array's base, offset and
-    layout never change), so it is kept per set of arrays: the check costs ~10 µs, a third of
-    a [16, 384] GEMM, and it runs once per layer and pass."""
+    layout never change), so it is kept per set of arrays: the check took ~23 µs a layer (two
+    ``_blocks_of``, mostly ``__array_interface__``; cProfile), ~4 % of a MiniLM (1, 16) pass."""
     parts = (query["weight"], key["weight"], value["weight"], query["bias"], key["bias"], value["bias"])
     ids = tuple(map(id, parts))
     hit = _FUSED.get(ids)

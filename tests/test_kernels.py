@@ -434,3 +434,18 @@ def test_gemm_auto_packs_read_only_weights(monkeypatch):
     G.gemm_auto(np.ones((500, 5), np.float32), w)  # any number of rows
     G.gemm_auto(np.ones((3, 5)), w)  # mixed dtypes: BLAS
     assert called == [3, 500]
+
+
+def test_gemm_auto_sees_an_edit_after_a_packed_weight_is_made_writable():
+    """gemm_auto's shortcut to kept panels must not outlive the weight's read-only flag."""
+    from minibert.kernels import gemm as G
+
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((16, 24)).astype(np.float32)
+    w = rng.standard_normal((48, 24)).astype(np.float32)
+    w.flags.writeable = False
+    G.gemm_auto(x, w)
+    G.gemm_auto(x, w)  # from the kept panels
+    w.flags.writeable = True
+    w[5] = 0.0
+    assert_close(G.gemm_auto(x, w), x @ w.T, TOL["kernel_fp32"], "gemm/auto after flipping read-only off and editing")
