@@ -4,8 +4,9 @@ the biggest slice.
     python -m benchmarks.breakdown [--model base|minilm|PATH] [--batch 8] [--seq 128] [--repeats 5]
 
 Every kernel of the model's kernel set (the ``attention`` kernel is q·kᵀ, softmax and P·V
-together; the ``gemm`` kernel is the encoder's dense layers) and ``model.gemm`` (the pooler's)
-are wrapped with a timer for the measured passes; what is left of the wall time is Python,
+together; ``dense_act`` and ``dense_layernorm`` are the encoder's dense layers and the pooler's,
+each GEMM with its bias and what follows it; ``gemm`` runs for weights that are not packed, i.e.
+writable ones) and ``model.gemm`` (the task heads') are wrapped with a timer for the measured passes; what is left of the wall time is Python,
 embedding gathers and copies ("other").
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 from minibert import model as F
 
 
-LABELS = {"attention": "attention (q·kᵀ, softmax, P·V)", "gemm": "gemm (dense layers)"}
+LABELS = {"attention": "attention (q·kᵀ, softmax, P·V)", "gemm": "gemm (writable weights, heads)",
+          "dense_act": "dense_act (GEMM + bias [+ act])", "dense_layernorm": "dense_layernorm (GEMM + LN)"}
 
 
 @contextlib.contextmanager

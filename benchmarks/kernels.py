@@ -63,6 +63,18 @@ def cases(m, B, T, dtype, rng):
         x_h = rng.standard_normal((rows, H)).astype(dtype)
         yield "gemm", f"[{rows}, {H}] x [{I}, {H}]ᵀ", (x_h, w_i), (x_h.size + w_i.size + rows * I) * f, \
             2 * rows * H * I
+    # the FFN's dense layers whole (kernels/dense.py): the GEMM with its bias and GELU, and the
+    # second GEMM with its bias, the residual and the LayerNorm
+    w_o = (0.02 * rng.standard_normal((H, I))).astype(dtype)
+    w_o.flags.writeable = False
+    for rows in (16, N):
+        x_h = rng.standard_normal((rows, H)).astype(dtype)
+        yield "dense_act", f"[{rows}, {H}] x [{I}, {H}]ᵀ, gelu", (x_h, w_i, b_i, "gelu"), \
+            (x_h.size + w_i.size + rows * I) * f, 2 * rows * H * I
+        x_f = rng.standard_normal((rows, I)).astype(dtype)
+        r_h = rng.standard_normal((rows, H)).astype(dtype)
+        yield "dense_layernorm", f"[{rows}, {I}] x [{H}, {I}]ᵀ, LN", \
+            (x_f, w_o, b, r_h, w, xb, 1e-12), (x_f.size + w_o.size + 2 * rows * H) * f, 2 * rows * H * I
 
 
 def torch_op(op, args):
@@ -90,6 +102,12 @@ def torch_op(op, args):
     if op == "gemm":  # nn.Linear's product, here without the bias (added by the next kernel)
         x, w = t(args[0]), t(args[1])
         return lambda: tF.linear(x, w)
+    if op == "dense_act":  # BertIntermediate: addmm, then the activation (only "gelu" is benchmarked)
+        x, w, b, _ = (t(a) if isinstance(a, np.ndarray) else a for a in args)
+        return lambda: tF.gelu(tF.linear(x, w, b))
+    if op == "dense_layernorm":  # BertOutput: LayerNorm(addmm + input)
+        x, w, b, r, lw, lb, eps = (t(a) if isinstance(a, np.ndarray) else a for a in args)
+        return lambda: tF.layer_norm(tF.linear(x, w, b) + r, (r.shape[-1],), lw, lb, eps)
     if op == "attention":
         qkv, starts, nH, scale, mask = args
         B, T = mask.shape

@@ -46,7 +46,7 @@ if _fallback:
 
     numba.config.CACHE_DIR = _fallback
 
-from .registry import OPS, available, get, register, select  # noqa: F401
-from . import activations, attention, gemm, layernorm, softmax  # noqa: F401  (importing registers the versions)
+from .registry import OPS, available, default, get, register, select  # noqa: F401
+from . import activations, attention, dense, gemm, layernorm, softmax  # noqa: F401  (importing registers the versions)
 
-__all__ = ["OPS", "available", "get", "register", "select"]
+__all__ = ["OPS", "available", "default", "get", "register", "select"]

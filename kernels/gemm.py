@@ -3,7 +3,8 @@
 Signature of every version: ``gemm(x, weight, out=None) -> y`` with ``x`` [N, in], ``weight``
 [out, in] (the checkpoint's nn.Linear layout; numba_packed works on a packed copy of it) and ``y`` [N, out]
 in ``x``'s dtype; ``out``, if given, an [N, out] array (any strides) that receives ``y``. The
-bias is added by the pass that follows (activation or LayerNorm, see their ``bias=`` arguments).
+bias is added by the pass that follows (activation or LayerNorm, see their ``bias=`` arguments),
+or, in the model, by numba_packed's kernel itself: kernels/dense.py runs it with an epilogue.
 
 Versions:
 - ``numpy``: the reference, ``np.matmul(x, weight.T)``: NumPy's BLAS (OpenBLAS) sgemm/dgemm.
@@ -54,6 +55,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .activations import NONE, act_row
+from .layernorm import ln_row
 from .registry import register
 
 SMALL_N = 48  # rows up to which numba_4x3 beats OpenBLAS here (see the docstring)
@@ -251,11 +254,35 @@ def _ahead(q, K, NR, share, j):
     return q * K * NR + start * K, share
 
 
-@njit(parallel=True, cache=True)
-def _gemm_packed(x, wp, out, block_rows):
+@intrinsic
+def _fetch_add(typingctx, counts, i, n):
+    """``counts[i] += n`` as one atomic read-modify-write (sequentially consistent); returns the
+    value before. ``counts``: a C-contiguous int64 array. What a thread's stores before the add
+    are visible to the thread whose add comes after it."""
+    if not (isinstance(counts, types.Array) and counts.dtype == types.int64):
+        return None
+    sig = types.int64(counts, i, n)
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        idx, inc = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2))
+        return builder.atomic_rmw("add", builder.gep(arr.data, [idx]), inc, "seq_cst")
+
+    return sig, codegen
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemm_packed(x, wp, out, block_rows, bias, act, ln):
     # x [M, K], panels wp [P, K, NR] of weight [N, K] (N <= P·NR, the last panel zero-padded),
     # out [M, N]; all C-contiguous. Tasks are (row block, panel), row block major: each thread
     # runs its row blocks against every panel, so x is read from cache, the weight once per block.
+    # The epilogue, on each task's tile while it is in L1 (kernels/dense.py):
+    # - ln None, bias [N] given: out = act(out + bias), act a code of activations.act_row;
+    # - ln = (residual [M, N], weight [N], bias [N], eps, done [blocks] int64 zeros): the task that
+    #   finishes a row block's last panel (done counts them) turns its rows into
+    #   LayerNorm((out + bias) + residual);
+    # - both None: the product only. fastmath reaches the epilogue only: the tile kernel is
+    #   LLVM IR of its own, one FMA per step in a fixed order.
     M, N, P, NR = x.shape[0], out.shape[1], wp.shape[0], wp.shape[2]
     full = N // NR
     blocks = (M + block_rows - 1) // block_rows
@@ -264,12 +291,22 @@ def _gemm_packed(x, wp, out, block_rows):
         i0 = b * block_rows
         i1 = min(M, i0 + block_rows)
         q = (p + 1) % P  # the panel of task t + 1, this thread's next under a static schedule
+        c0, c1 = p * NR, min(N, p * NR + NR)
         if p < full:
-            _tiles(x, i0, i1, wp, p, out, p * NR, q)
+            _tiles(x, i0, i1, wp, p, out, c0, q)
         else:  # the padded last panel: through a scratch tile, then its real columns
             tmp = np.empty((M, NR), dtype=out.dtype)
             _tiles(x, i0, i1, wp, p, tmp, 0, q)
-            out[i0:i1, p * NR:] = tmp[i0:i1, :N - p * NR]
+            out[i0:i1, c0:] = tmp[i0:i1, :N - c0]
+        if ln is not None:
+            if _fetch_add(ln[4], b, 1) == P - 1:  # every panel of this row block is done
+                for i in range(i0, i1):
+                    ln_row(out[i], bias, ln[0][i], ln[1], ln[2], ln[3], out[i])
+        elif bias is not None:
+            bb = bias[c0:c1]
+            for i in range(i0, i1):
+                tile = out[i, c0:c1]
+                act_row(tile, bb, tile, act)
 
 
 BLOCK_BYTES = 2 << 20  # at most about this much of x per row block, so a block stays in the L3 cache
@@ -333,7 +370,7 @@ def gemm_numba_packed(x, weight, out=None):
 
 
 def _packed_product(x, weight, y):
-    _gemm_packed(x, packed(weight), y, block_rows(x))
+    _gemm_packed(x, packed(weight), y, block_rows(x), None, NONE, None)
 
 
 @register("gemm", "auto", default=True)
@@ -345,7 +382,7 @@ def gemm_auto(x, weight, out=None):
             and x.shape[1] == weight.shape[1]):
         y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
         if y.size:
-            _gemm_packed(x, panels, y, block_rows(x))
+            _gemm_packed(x, panels, y, block_rows(x), None, NONE, None)
         return y
     if x.ndim == 2 and not weight.flags.writeable and _packed_ok(x, weight):
         return gemm_numba_packed(x, weight, out)

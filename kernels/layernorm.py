@@ -76,26 +76,33 @@ def layernorm_numba(x, residual, weight, bias, eps, x_bias=None):
     return out.reshape(shape)
 
 
+@njit(inline="always")
+def ln_row(src, xb, res, weight, bias, eps, dst):
+    # dst = LayerNorm((src + xb) + res)·weight + bias over one row of H: 1-D views, so every loop
+    # vectorizes (in a caller compiled with fastmath); dst may be src. Also run by the dense
+    # layers' GEMM on the rows it has just finished (kernels/dense.py)
+    h = src.size
+    f = dst.dtype.type
+    s = f(0)
+    for j in range(h):
+        v = (src[j] + xb[j]) + res[j]
+        dst[j] = v
+        s += v
+    mean = s / f(h)  # s / h with the int h would be float64, and so every loop after it
+    ss = f(0)
+    for j in range(h):
+        d = dst[j] - mean
+        ss += d * d
+    inv = f(1 / np.sqrt(ss / h + eps))
+    for j in range(h):
+        dst[j] = (dst[j] - mean) * inv * weight[j] + bias[j]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _layernorm_v2(x, xb, residual, weight, bias, eps, out):
     # x, residual, out: [N, H]; xb, weight, bias: [H]
-    n, h = x.shape
-    hf = out.dtype.type(h)  # s / h with the int h would be float64, and so every loop after it
-    for r in prange(n):
-        src, res, dst = x[r], residual[r], out[r]
-        s = dst.dtype.type(0)
-        for j in range(h):
-            v = (src[j] + xb[j]) + res[j]
-            dst[j] = v
-            s += v
-        mean = s / hf
-        ss = dst.dtype.type(0)
-        for j in range(h):
-            d = dst[j] - mean
-            ss += d * d
-        inv = dst.dtype.type(1 / np.sqrt(ss / h + eps))
-        for j in range(h):
-            dst[j] = (dst[j] - mean) * inv * weight[j] + bias[j]
+    for r in prange(x.shape[0]):
+        ln_row(x[r], xb, residual[r], weight, bias, eps, out[r])
 
 
 @register("layernorm", "numba_v2", default=True)

@@ -51,6 +51,11 @@ def get(op: str, version: str) -> Callable:
     return versions[version]
 
 
+def default(op: str) -> Callable:
+    """The version of ``op`` that the "numba" kernel set uses."""
+    return get(op, _DEFAULT_NUMBA.get(op, "numpy"))
+
+
 def select(kernels: str = "numba") -> Dict[str, Callable]:
     """``{op: function}`` for the kernel set ``kernels`` ("numba" or "numpy")."""
     if kernels not in KERNEL_SETS:

@@ -13,11 +13,13 @@ functions (``layer(x, mask, **params["encoder"]["layer"][3], ...)``), so
 ["self"]["query"]["weight"]``. Linear weights keep the checkpoint's [out, in] layout.
 
 ``k`` is the kernel set, ``{op: function}`` from :func:`minibert.kernels.select`: the only
-difference between ``kernels="numpy"`` and ``kernels="numba"``. The encoder's dense layers call
-``k["gemm"]`` (a Numba kernel on a copy of each read-only weight packed once into panels, or for
-a writable weight BLAS and, for a few rows, a Numba kernel that reads it in place: see
-kernels/gemm.py); the attention kernel does the per-head products (kernels/attention.py), and
-the pooler and task heads' layers go to NumPy's BLAS.
+difference between ``kernels="numpy"`` and ``kernels="numba"``. The encoder's dense layers and the
+pooler call ``k["dense_act"]`` (Q/K/V, the intermediate layer) and ``k["dense_layernorm"]`` (the
+two output layers): the GEMM with its bias and what follows it in one kernel (kernels/dense.py)
+on a copy of each read-only weight packed once into panels (kernels/gemm.py); a writable weight
+goes through ``k["gemm"]`` (BLAS, or for a few rows a Numba kernel that reads it in place) and
+the activation or LayerNorm kernel. The attention kernel does the per-head products
+(kernels/attention.py), and the task heads' layers go to NumPy's BLAS.
 
 This is transformers' BertModel with eager attention, post-LN:
   embeddings: LayerNorm(word + token_type + position)
@@ -142,12 +144,10 @@ _FUSED: Dict = {}  # ids of query/key/value weight and bias -> (weakrefs to them
 
 
 def project_qkv(x, query, key, value, k):  # [N, H] -> [N, 3H]: q | k | v, biases added
-    gemm = k["gemm"]
     fused = fused_qkv(query, key, value)
     if fused is not None:
-        qkv = gemm(x, fused[0])
-        qkv += fused[1]
-        return qkv
+        return k["dense_act"](x, *fused)  # one GEMM, the bias added to each tile as it is written
+    gemm = k["gemm"]
     H = query["weight"].shape[0]
     qkv = np.empty((x.shape[0], 3 * H), dtype=x.dtype)
     for i, p in enumerate((query, key, value)):  # three GEMMs writing straight into the column blocks
@@ -202,8 +202,8 @@ def attention_block(x, batch: Batch, *, self, output, n_head, eps, k, keep_probs
     context, probs = self_attention(x, batch, **self, n_head=n_head, k=k, keep_probs=keep_probs, tap=tap,
                                     name=name + ".self")
     dense, ln = output["dense"], output["LayerNorm"]
-    # LayerNorm(context·Wᵀ + b + x): the GEMM without its bias, then one fused pass
-    a = k["layernorm"](k["gemm"](context, dense["weight"]), x, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
+    # LayerNorm(context·Wᵀ + b + x) in one kernel: the GEMM normalizes each row block it finishes
+    a = k["dense_layernorm"](context, dense["weight"], dense["bias"], x, ln["weight"], ln["bias"], eps)  # [N, H]
     if tap:
         tap(name + ".output", batch.unpack(a))
     return a, probs
@@ -215,16 +215,19 @@ def layer(x, batch: Batch, *, attention: Dict, intermediate: Dict, output: Dict,
     a, probs = attention_block(x, batch, **attention, n_head=n_head, eps=eps, k=k, keep_probs=keep_probs, tap=tap,
                                name=name + ".attention")
     inter, dense, ln = intermediate["dense"], output["dense"], output["LayerNorm"]
-    h = k[act](k["gemm"](a, inter["weight"]), inter["bias"])  # [N, I]: act(a·Wᵀ + b), bias fused
-    out = k["layernorm"](k["gemm"](h, dense["weight"]), a, ln["weight"], ln["bias"], eps, dense["bias"])  # [N, H]
+    h = k["dense_act"](a, inter["weight"], inter["bias"], act)  # [N, I]: act(a·Wᵀ + b)
+    out = k["dense_layernorm"](h, dense["weight"], dense["bias"], a, ln["weight"], ln["bias"], eps)  # [N, H]
     if tap:
         tap(name + ".intermediate", batch.unpack(h))
         tap(name + ".output", batch.unpack(out))
     return out, probs
 
 
-def pooler(h, *, dense, tap=None):  # [B, T, H] -> [B, H]
-    pre = linear(h[:, 0], **dense)  # [B, H]
+def pooler(h, *, dense, k=None, tap=None):  # [B, T, H] -> [B, H]
+    if k is None:  # BertPooler called on its own: NumPy's BLAS
+        pre = linear(h[:, 0], **dense)  # [B, H]
+    else:
+        pre = k["dense_act"](np.ascontiguousarray(h[:, 0]), dense["weight"], dense["bias"])  # [B, H]
     if tap:
         tap("pooler.dense", pre)
     return np.tanh(pre)
@@ -312,7 +315,7 @@ def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, 
         if output_attentions:
             attentions.append(probs)
     last = hidden[-1] if output_hidden_states else batch.unpack(x)  # [B, T, H]
-    pooled: Optional[np.ndarray] = pooler(last, **params["pooler"], tap=tap) if params.get("pooler") else None
+    pooled: Optional[np.ndarray] = pooler(last, **params["pooler"], k=k, tap=tap) if params.get("pooler") else None
     return {
         "last_hidden_state": last,
         "pooler_output": pooled,

@@ -74,7 +74,8 @@ def test_breakdown_accounts_for_the_whole_forward(tiny_dir):
     m = BertModel.from_pretrained(tiny_dir)
     rows = breakdown(m, {"input_ids": np.ones((2, 9), dtype=np.int64)}, repeats=2)
     ops = {r["op"] for r in rows}
-    assert {"gemm (dense layers)", "layernorm", "attention (q·kᵀ, softmax, P·V)", "total forward"} <= ops
+    assert {"dense_act (GEMM + bias [+ act])", "dense_layernorm (GEMM + LN)", "layernorm",
+            "attention (q·kᵀ, softmax, P·V)", "total forward"} <= ops
     parts = sum(r["ms"] for r in rows if r["op"] != "total forward")
     assert abs(parts - rows[-1]["ms"]) < 1e-6  # "other" is the remainder, so the parts add up
     assert m._k["layernorm"].__name__ != "timed"  # the kernels are unwrapped afterwards

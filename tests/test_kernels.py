@@ -426,7 +426,7 @@ def test_gemm_auto_packs_read_only_weights(monkeypatch):
     from minibert.kernels import gemm as G
 
     called = []
-    monkeypatch.setattr(G, "_gemm_packed", lambda x, wp, out, rows: called.append(x.shape[0]) or out.fill(0))
+    monkeypatch.setattr(G, "_gemm_packed", lambda x, wp, out, *epilogue: called.append(x.shape[0]) or out.fill(0))
     w = np.ones((6, 5), np.float32)
     G.gemm_auto(np.ones((3, 5), np.float32), w)  # writable: numba_4x3
     w.flags.writeable = False
@@ -449,3 +449,104 @@ def test_gemm_auto_sees_an_edit_after_a_packed_weight_is_made_writable():
     w.flags.writeable = True
     w[5] = 0.0
     assert_close(G.gemm_auto(x, w), x @ w.T, TOL["kernel_fp32"], "gemm/auto after flipping read-only off and editing")
+
+
+# -- dense_act / dense_layernorm: the GEMM with its epilogue -------------------------------------------
+def _dense_case(rng, dtype, N, out_f, in_f):
+    x = rng.standard_normal((N, in_f)).astype(dtype)
+    w = (0.05 * rng.standard_normal((out_f, in_f))).astype(dtype)
+    b = rng.standard_normal(out_f).astype(dtype)
+    frozen = w.copy()
+    frozen.flags.writeable = False  # as from_pretrained loads weights: the packed, fused path
+    return x, w, frozen, b
+
+
+DENSE_SHAPES = [(1, 24, 8), (16, 384, 96), (17, 53, 37), (203, 50, 33), (0, 24, 8), (5, 7, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu"])
+def test_dense_act_matches_reference(monkeypatch, dtype, shape, act):
+    """act(x·Wᵀ + b) on shapes with row and panel tails, with many row blocks (a tiny block size)
+    and with one, for writable and read-only weights: every version against the reference."""
+    from minibert.kernels import gemm as G
+
+    x, w, frozen, b = _dense_case(np.random.default_rng(21), dtype, *shape)
+    ref = get("dense_act", "numpy")(x, w, b, act)
+    ref_parts = get(act or "relu", "numpy")(x @ w.T, b) if act else x @ w.T + b
+    assert_close(ref, ref_parts, tol(dtype), "dense_act reference")
+    for block_bytes in (G.BLOCK_BYTES, 200):
+        monkeypatch.setattr(G, "BLOCK_BYTES", block_bytes)
+        for v in versions("dense_act"):
+            for weight, kind in ((w, "writable"), (frozen, "read-only")):
+                y = get("dense_act", v)(x, weight, b, act)
+                assert y.dtype == x.dtype and y.shape == (shape[0], shape[1])
+                assert_close(y, ref, tol(dtype), f"dense_act/{v} {act} {dtype} {shape} {kind}, blocks of {block_bytes} B")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_dense_layernorm_matches_reference(monkeypatch, dtype, shape):
+    """LayerNorm((x·Wᵀ + b) + residual): the last task of each row block normalizes it, so many
+    row blocks (a tiny block size) and one; repeated, since which task is last varies."""
+    from minibert.kernels import gemm as G
+
+    rng = np.random.default_rng(22)
+    x, w, frozen, b = _dense_case(rng, dtype, *shape)
+    res = rng.standard_normal((shape[0], shape[1])).astype(dtype)
+    lw = (1 + 0.1 * rng.standard_normal(shape[1])).astype(dtype)
+    lb = (0.1 * rng.standard_normal(shape[1])).astype(dtype)
+    ref = get("dense_layernorm", "numpy")(x, w, b, res, lw, lb, 1e-12)
+    assert_close(ref, get("layernorm", "numpy")(x @ w.T, res, lw, lb, 1e-12, b), tol(dtype), "reference")
+    for block_bytes in (G.BLOCK_BYTES, 200):
+        monkeypatch.setattr(G, "BLOCK_BYTES", block_bytes)
+        for v in versions("dense_layernorm"):
+            for weight, kind in ((w, "writable"), (frozen, "read-only"), (frozen, "read-only"), (frozen, "read-only")):
+                y = get("dense_layernorm", v)(x, weight, b, res, lw, lb, 1e-12)
+                assert y.dtype == x.dtype and y.shape == res.shape
+                assert_close(y, ref, tol(dtype), f"dense_layernorm/{v} {dtype} {shape} {kind}, blocks of {block_bytes} B")
+
+
+def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):
+    """The read-only weight goes through the epilogue kernel (once per call), a writable one through
+    the two kernels; both give the reference's values (the tests above)."""
+    from minibert.kernels import dense as D
+
+    calls = []
+    real = D._gemm_packed
+    monkeypatch.setattr(D, "_gemm_packed", lambda *a: calls.append(a[4] is not None) or real(*a))
+    x, w, frozen, b = _dense_case(np.random.default_rng(23), np.float32, 16, 48, 24)
+    res = np.zeros((16, 48), np.float32)
+    ones = np.ones(48, np.float32)
+    D.dense_act_numba_packed(x, w, b, "gelu")
+    D.dense_layernorm_numba_packed(x, w, b, res, ones, b, 1e-12)
+    assert calls == []
+    D.dense_act_numba_packed(x, frozen, b, "gelu")
+    D.dense_layernorm_numba_packed(x, frozen, b, res, ones, b, 1e-12)
+    D.dense_act_numba_packed(np.asfortranarray(x), frozen, b)  # strided x: the two kernels
+    assert calls == [True, True]
+
+
+@pytest.mark.parametrize("version", available("dense_act"))
+def test_dense_act_rejects_bad_arguments(version):
+    f = get("dense_act", version)
+    x, w = np.ones((4, 5), np.float32), np.ones((3, 5), np.float32)
+    with pytest.raises(ValueError, match=r"act='tanh' is not an activation; expected None .*'gelu'"):
+        f(x, w, np.ones(3, np.float32), "tanh")
+    if version != "numpy":
+        with pytest.raises(ValueError, match=r"bias must have shape \(3,\).*got \(4,\)"):
+            f(x, w, np.ones(4, np.float32))
+        with pytest.raises(ValueError, match=r"x \[N, in\] and weight \[out, in\]"):
+            f(np.ones((4, 6), np.float32), w, np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("version", versions("dense_layernorm"))
+def test_dense_layernorm_rejects_bad_arguments(version):
+    f = get("dense_layernorm", version)
+    x, w, v = np.ones((4, 5), np.float32), np.ones((3, 5), np.float32), np.ones(3, np.float32)
+    w.flags.writeable = False
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(4, 3\); got \(4, 5\)"):
+        f(x, w, v, np.ones((4, 5), np.float32), v, v, 1e-12)
+    with pytest.raises(ValueError, match=r"ln_weight must have shape \(3,\).*got \(2,\)"):
+        f(x, w, v, np.ones((4, 3), np.float32), v[:2], v, 1e-12)

@@ -1,0 +1,138 @@
+"""The encoder's dense layers whole: the product, its bias and what follows it, in one kernel.
+
+Two ops, each with its reference and a Numba version of the same signature:
+- ``dense_act(x, weight, bias, act=None) -> act(x·Wᵀ + bias)``, x [N, in], weight [out, in] (the
+  checkpoint's nn.Linear layout), bias [out], y [N, out]. ``act`` None adds the bias only (Q/K/V,
+  the pooler before its tanh); else the name of an activation op, "gelu", "gelu_tanh", "relu"
+  or "silu" (BertIntermediate).
+- ``dense_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps) ->
+  LayerNorm((x·Wᵀ + bias) + residual)``, residual [N, out], ln_weight and ln_bias [out]:
+  BertSelfOutput and BertOutput (post-LN), the adds rounded in transformers' order.
+
+Versions:
+- ``numpy``: the reference: the gemm reference, then the activation's or LayerNorm's reference.
+- ``numba_packed`` (default): gemm/numba_packed's kernel (kernels/gemm.py) with an epilogue, so
+  a dense layer is one parallel region instead of two. Each task adds the bias and applies the
+  activation to the tile it has just written, while it is in L1 (the same ``act_row`` as the
+  activation kernels, activations.py). For the LayerNorm, whose rows need every panel, the task
+  that finishes the last panel of a row block (an atomic count per block) normalizes that
+  block's rows (the same ``ln_row`` as layernorm.py), also from cache. Why: at a few rows the
+  separate pass was mostly the cost of a region of its own, and of its Python call: the
+  activation of MiniLM's FFN at [16, 1536] took ~13 µs, its LayerNorm at [16, 384] ~6 µs,
+  three such passes a layer. Same numbers as the two-kernel path: the product is the same
+  kernel's, and the epilogue runs the activation and LayerNorm kernels' own row code.
+  Weights that gemm does not pack (writable ones, other dtypes) and strided ``x`` take the two
+  kernels of the "numba" set instead: the default gemm, then the default activation or
+  LayerNorm with the bias fused.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import ACT_CODES, NONE
+from .gemm import _check, _gemm_packed, _kept, _packed_ok, block_rows, gemm_numpy, packed
+from .layernorm import layernorm_numpy
+from .registry import default, get, register
+
+ACTIVATIONS = tuple(a for a in ACT_CODES if a is not None)
+
+
+def _act_code(act):
+    code = ACT_CODES.get(act) if isinstance(act, (str, type(None))) else None
+    if code is None:
+        raise ValueError(f"dense_act: act={act!r} is not an activation; expected None (the bias only) or one of "
+                         f"{list(ACTIVATIONS)}")
+    return code
+
+
+def _vector(name, v, n, dtype):  # bias, ln_weight, ln_bias: [n], contiguous, of the compute dtype
+    v = np.asarray(v)
+    if v.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one value per output feature; got {v.shape}")
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def _panels(x, weight):
+    """The packed panels of ``weight`` if the fused kernel can run on ``x``, else None."""
+    if x.ndim != 2 or x.dtype != weight.dtype or not x.flags.c_contiguous:
+        return None
+    panels = _kept(weight)  # the common case: a read-only weight packed on an earlier call
+    if panels is not None:
+        return panels
+    if weight.flags.writeable or not _packed_ok(x, weight):
+        return None  # a writable weight may change in place: gemm packs it anew or reads it directly
+    return packed(weight)
+
+
+# -- dense_act -------------------------------------------------------------------------------------
+@register("dense_act", "numpy")
+def dense_act_numpy(x, weight, bias, act=None):
+    _act_code(act)
+    y = gemm_numpy(x, weight)  # [N, out]
+    return y + bias if act is None else get(act, "numpy")(y, bias)
+
+
+@register("dense_act", "numba")
+def dense_act_numba(x, weight, bias, act=None):
+    _act_code(act)
+    _check(x, weight, None)
+    return _two_kernels(x, weight, _vector("bias", bias, weight.shape[0], x.dtype), act)
+
+
+def _two_kernels(x, weight, b, act):
+    y = default("gemm")(x, weight)
+    if act is None:
+        y += b
+        return y
+    return default(act)(y, b)
+
+
+@register("dense_act", "numba_packed", default=True)
+def dense_act_numba_packed(x, weight, bias, act=None):
+    code = _act_code(act)
+    shape = _check(x, weight, None)
+    b = _vector("bias", bias, shape[1], x.dtype)
+    panels = _panels(x, weight)
+    if panels is None:
+        return _two_kernels(x, weight, b, act)
+    y = np.empty(shape, dtype=x.dtype)
+    if y.size:
+        _gemm_packed(x, panels, y, block_rows(x), b, code, None)
+    return y
+
+
+# -- dense_layernorm -------------------------------------------------------------------------------
+@register("dense_layernorm", "numpy")
+def dense_layernorm_numpy(x, weight, bias, residual, ln_weight, ln_bias, eps):
+    return layernorm_numpy(gemm_numpy(x, weight), residual, ln_weight, ln_bias, eps, bias)
+
+
+def _ln_args(x, weight, bias, residual, ln_weight, ln_bias):  # checked: shape, residual, bias, ln_weight, ln_bias
+    shape = _check(x, weight, None)
+    residual = np.asarray(residual)
+    if residual.shape != shape:
+        raise ValueError(f"dense_layernorm: residual must have the output's shape {shape}; got {residual.shape}")
+    return (shape, residual, *(_vector(n, v, shape[1], x.dtype) for n, v in
+                               (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias))))
+
+
+@register("dense_layernorm", "numba")
+def dense_layernorm_numba(x, weight, bias, residual, ln_weight, ln_bias, eps):
+    _, residual, b, lw, lb = _ln_args(x, weight, bias, residual, ln_weight, ln_bias)
+    return default("layernorm")(default("gemm")(x, weight), residual, lw, lb, eps, b)
+
+
+@register("dense_layernorm", "numba_packed", default=True)
+def dense_layernorm_numba_packed(x, weight, bias, residual, ln_weight, ln_bias, eps):
+    shape, residual, b, lw, lb = _ln_args(x, weight, bias, residual, ln_weight, ln_bias)
+    dt = x.dtype
+    panels = _panels(x, weight)
+    if panels is None:
+        return default("layernorm")(default("gemm")(x, weight), residual, lw, lb, eps, b)
+    y = np.empty(shape, dtype=dt)
+    if y.size:
+        rows = block_rows(x)
+        done = np.zeros(-(-shape[0] // rows), dtype=np.int64)  # panels finished, per row block
+        r = np.ascontiguousarray(residual, dtype=dt)
+        _gemm_packed(x, panels, y, rows, b, NONE, (r, lw, lb, dt.type(eps), done))
+    return y
