@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .activations import ACT_CODES, NONE
-from .gemm import _check, _gemm_packed, _kept, _packed_ok, block_rows, gemm_numpy, packed
+from .activations import ACT_CODES
+from .gemm import _check, _kept, _packed_ok, gemm_numpy, gemm_packed, packed
 from .layernorm import layernorm_numpy
 from .registry import default, get, register
 
@@ -97,7 +97,7 @@ def dense_act_numba_packed(x, weight, bias, act=None):
         return _two_kernels(x, weight, b, act)
     y = np.empty(shape, dtype=x.dtype)
     if y.size:
-        _gemm_packed(x, panels, y, block_rows(x), b, code, None)
+        gemm_packed(x, panels, y, b, code)
     return y
 
 
@@ -131,8 +131,5 @@ def dense_layernorm_numba_packed(x, weight, bias, residual, ln_weight, ln_bias, 
         return default("layernorm")(default("gemm")(x, weight), residual, lw, lb, eps, b)
     y = np.empty(shape, dtype=dt)
     if y.size:
-        rows = block_rows(x)
-        done = np.zeros(-(-shape[0] // rows), dtype=np.int64)  # panels finished, per row block
-        r = np.ascontiguousarray(residual, dtype=dt)
-        _gemm_packed(x, panels, y, rows, b, NONE, (r, lw, lb, dt.type(eps), done))
+        gemm_packed(x, panels, y, b, ln=(np.ascontiguousarray(residual, dtype=dt), lw, lb, eps))
     return y

@@ -271,18 +271,22 @@ def _fetch_add(typingctx, counts, i, n):
     return sig, codegen
 
 
+PRODUCT, BIAS_ACT, LAYERNORM = 0, 1, 2  # _gemm_packed's epilogues
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemm_packed(x, wp, out, block_rows, bias, act, ln):
+def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weight, ln_bias, eps, done):
     # x [M, K], panels wp [P, K, NR] of weight [N, K] (N <= P·NR, the last panel zero-padded),
     # out [M, N]; all C-contiguous. Tasks are (row block, panel), row block major: each thread
     # runs its row blocks against every panel, so x is read from cache, the weight once per block.
-    # The epilogue, on each task's tile while it is in L1 (kernels/dense.py):
-    # - ln None, bias [N] given: out = act(out + bias), act a code of activations.act_row;
-    # - ln = (residual [M, N], weight [N], bias [N], eps, done [blocks] int64 zeros): the task that
-    #   finishes a row block's last panel (done counts them) turns its rows into
-    #   LayerNorm((out + bias) + residual);
-    # - both None: the product only. fastmath reaches the epilogue only: the tile kernel is
-    #   LLVM IR of its own, one FMA per step in a fixed order.
+    # The epilogue, on each task's tile while it is in cache (kernels/dense.py):
+    # - PRODUCT: none, out = x·Wᵀ (the other arguments are not read);
+    # - BIAS_ACT: out = act(out + bias [N]) per tile, act a code of activations.act_row;
+    # - LAYERNORM: the task that finishes a row block's last panel (``done`` [blocks] int64 zeros
+    #   counts them) turns the block's rows into LayerNorm((out + bias) + residual [M, N]).
+    # One signature for all three, so the kernel compiles once per dtype (~5 s cold, each variant).
+    # fastmath reaches the epilogue only: the tile kernel is LLVM IR of its own, one FMA per step
+    # in a fixed order.
     M, N, P, NR = x.shape[0], out.shape[1], wp.shape[0], wp.shape[2]
     full = N // NR
     blocks = (M + block_rows - 1) // block_rows
@@ -298,15 +302,39 @@ def _gemm_packed(x, wp, out, block_rows, bias, act, ln):
             tmp = np.empty((M, NR), dtype=out.dtype)
             _tiles(x, i0, i1, wp, p, tmp, 0, q)
             out[i0:i1, c0:] = tmp[i0:i1, :N - c0]
-        if ln is not None:
-            if _fetch_add(ln[4], b, 1) == P - 1:  # every panel of this row block is done
-                for i in range(i0, i1):
-                    ln_row(out[i], bias, ln[0][i], ln[1], ln[2], ln[3], out[i])
-        elif bias is not None:
+        if epilogue == BIAS_ACT:
             bb = bias[c0:c1]
             for i in range(i0, i1):
                 tile = out[i, c0:c1]
                 act_row(tile, bb, tile, act)
+        elif epilogue == LAYERNORM:
+            if _fetch_add(done, b, 1) == P - 1:  # every panel of this row block is done
+                for i in range(i0, i1):
+                    ln_row(out[i], bias, residual[i], ln_weight, ln_bias, eps, out[i])
+
+
+_UNUSED: dict = {}  # dtype -> placeholders for the epilogue arguments an epilogue does not read
+
+
+def gemm_packed(x, panels, out, bias=None, act=NONE, ln=None):
+    """``out = x @ W.T`` from ``panels`` = packed(W), then the epilogue: none; with ``bias``,
+    ``act(out + bias)``; with ``ln = (residual, weight, bias, eps)`` too, LayerNorm((out + bias) +
+    residual). Arguments as the kernel needs them: C-contiguous, of ``x``'s dtype; out.size > 0."""
+    dt = x.dtype
+    unused = _UNUSED.get(dt)
+    if unused is None:  # typed as the model's arguments are, so its calls share one compiled kernel:
+        vec = np.zeros(0, dt)  # read-only as the checkpoint's biases (Numba types read-only arrays apart)
+        vec.flags.writeable = False
+        unused = _UNUSED[dt] = (vec, np.zeros((0, 0), dt), np.zeros(0, np.int64))
+    rows = block_rows(x)
+    if ln is not None:
+        residual, weight, ln_bias, eps = ln
+        done = np.zeros(-(-x.shape[0] // rows), dtype=np.int64)  # panels finished, per row block
+        _gemm_packed(x, panels, out, rows, LAYERNORM, bias, NONE, residual, weight, ln_bias, dt.type(eps), done)
+    else:
+        vec, mat, ints = unused
+        epilogue, bias = (PRODUCT, vec) if bias is None else (BIAS_ACT, bias)
+        _gemm_packed(x, panels, out, rows, epilogue, bias, act, mat, vec, vec, dt.type(0), ints)
 
 
 BLOCK_BYTES = 2 << 20  # at most about this much of x per row block, so a block stays in the L3 cache
@@ -370,7 +398,7 @@ def gemm_numba_packed(x, weight, out=None):
 
 
 def _packed_product(x, weight, y):
-    _gemm_packed(x, packed(weight), y, block_rows(x), None, NONE, None)
+    gemm_packed(x, packed(weight), y)
 
 
 @register("gemm", "auto", default=True)
@@ -382,7 +410,7 @@ def gemm_auto(x, weight, out=None):
             and x.shape[1] == weight.shape[1]):
         y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
         if y.size:
-            _gemm_packed(x, panels, y, block_rows(x), None, NONE, None)
+            gemm_packed(x, panels, y)
         return y
     if x.ndim == 2 and not weight.flags.writeable and _packed_ok(x, weight):
         return gemm_numba_packed(x, weight, out)

@@ -514,8 +514,8 @@ def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):
     from minibert.kernels import dense as D
 
     calls = []
-    real = D._gemm_packed
-    monkeypatch.setattr(D, "_gemm_packed", lambda *a: calls.append(a[4] is not None) or real(*a))
+    real = D.gemm_packed
+    monkeypatch.setattr(D, "gemm_packed", lambda *a, **kw: calls.append(a[3] is not None) or real(*a, **kw))
     x, w, frozen, b = _dense_case(np.random.default_rng(23), np.float32, 16, 48, 24)
     res = np.zeros((16, 48), np.float32)
     ones = np.ones(48, np.float32)
