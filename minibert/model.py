@@ -63,7 +63,9 @@ class Batch:
     """
 
     def __init__(self, B, T, *, mask=None, rows=None, starts=None):
-        self.B, self.T, self.mask, self.rows, self.starts = B, T, mask, rows, starts
+        self.B, self.T, self.mask, self.rows = B, T, mask, rows
+        # where each sequence's rows start, and the end: packed as given, dense every T rows
+        self.starts = np.arange(B + 1, dtype=np.int64) * T if starts is None else starts
 
     @classmethod
     def dense(cls, mask):  # mask: additive [B, T]
@@ -91,10 +93,13 @@ class Batch:
 
 def embeddings(input_ids, token_type_ids, position_ids, *, word_embeddings, position_embeddings,
                token_type_embeddings, LayerNorm, eps, k):  # [...] x3 -> [..., H]
-    x = word_embeddings["weight"][input_ids]  # [..., H]
-    x = x + token_type_embeddings["weight"][token_type_ids]  # same order of adds as transformers
-    x += position_embeddings["weight"][position_ids]
-    return k["layernorm"](x, None, LayerNorm["weight"], LayerNorm["bias"], eps)
+    # np.asarray: the tables are views of the memory-mapped file, and a gather from an np.memmap
+    # runs its Python __getitem__ and __array_finalize__ (~10 µs a pass)
+    x = np.asarray(word_embeddings["weight"])[input_ids]  # [..., H]
+    x += np.asarray(token_type_embeddings["weight"])[token_type_ids]
+    # LayerNorm((word + token_type) + position): transformers' order of adds, the last in the kernel
+    return k["layernorm"](x, np.asarray(position_embeddings["weight"])[position_ids], LayerNorm["weight"],
+                          LayerNorm["bias"], eps)
 
 
 def split_heads(x, n_head):  # [B, T, H] -> [B, nH, T, dH]
@@ -163,8 +168,7 @@ def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
     scale = dH ** -0.5
     if not keep_probs:  # the attention kernel, one sequence at a time (kernels/attention.py):
         # packed sequences attend to their own rows only; a dense batch uses its mask rows
-        starts = batch.starts if batch.is_packed else np.arange(batch.B + 1, dtype=np.int64) * batch.T
-        return k["attention"](qkv, starts, n_head, scale, None if batch.is_packed else batch.mask), None
+        return k["attention"](qkv, batch.starts, n_head, scale, None if batch.is_packed else batch.mask), None
     # attentions or taps asked for: the whole dense batch at once, the probabilities kept
     B, T = batch.B, batch.T
     t = qkv.reshape(B, T, 3, n_head, dH)
