@@ -461,7 +461,7 @@ def _dense_case(rng, dtype, N, out_f, in_f):
     return x, w, frozen, b
 
 
-DENSE_SHAPES = [(1, 24, 8), (16, 384, 96), (17, 53, 37), (203, 50, 33), (0, 24, 8), (5, 7, 3)]
+DENSE_SHAPES = [(1, 24, 8), (16, 384, 96), (17, 53, 37), (203, 50, 33), (0, 24, 8), (5, 7, 3), (300, 30, 9)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -526,6 +526,10 @@ def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):
     D.dense_layernorm_numba_packed(x, frozen, b, res, ones, b, 1e-12)
     D.dense_act_numba_packed(np.asfortranarray(x), frozen, b)  # strided x: the two kernels
     assert calls == [True, True]
+    many = np.ones((D.ACT_EPILOGUE_ROWS + 1, 24), np.float32)
+    D.dense_act_numba_packed(many, frozen, b, "gelu")  # many rows: the activation as a pass of its own
+    D.dense_act_numba_packed(many, frozen, b)  # the bias alone stays in the GEMM
+    assert calls == [True, True, True]
 
 
 @pytest.mark.parametrize("version", available("dense_act"))
