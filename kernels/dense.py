@@ -11,6 +11,9 @@ Two ops, each with its reference and a Numba version of the same signature:
 
 Versions:
 - ``numpy``: the reference: the gemm reference, then the activation's or LayerNorm's reference.
+- ``numba``: the two kernels of the "numba" set, as the model ran them before this file: the
+  default gemm, then the default activation (bias fused) or LayerNorm (bias and residual fused).
+  Kept as the baseline the fused version is measured against.
 - ``numba_packed`` (default): gemm/numba_packed's kernel (kernels/gemm.py) with an epilogue, so
   a dense layer is one parallel region instead of two. Each task adds the bias and applies the
   activation to the tile it has just written, while it is in L1 (the same ``act_row`` as the
