@@ -316,16 +316,23 @@ def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weigh
 _UNUSED: dict = {}  # dtype -> placeholders for the epilogue arguments an epilogue does not read
 
 
+def unused_args(dt):
+    """(vector, matrix, counts): placeholders for the arguments of _gemm_packed that an epilogue
+    does not read, typed as the model's arguments are, so its calls share one compiled kernel."""
+    unused = _UNUSED.get(dt)
+    if unused is None:
+        vec = np.zeros(0, dt)  # read-only as the checkpoint's biases (Numba types read-only arrays apart)
+        vec.flags.writeable = False
+        unused = _UNUSED[dt] = (vec, np.zeros((0, 0), dt), np.zeros(0, np.int64))
+    return unused
+
+
 def gemm_packed(x, panels, out, bias=None, act=NONE, ln=None):
     """``out = x @ W.T`` from ``panels`` = packed(W), then the epilogue: none; with ``bias``,
     ``act(out + bias)``; with ``ln = (residual, weight, bias, eps)`` too, LayerNorm((out + bias) +
     residual). Arguments as the kernel needs them: C-contiguous, of ``x``'s dtype; out.size > 0."""
     dt = x.dtype
-    unused = _UNUSED.get(dt)
-    if unused is None:  # typed as the model's arguments are, so its calls share one compiled kernel:
-        vec = np.zeros(0, dt)  # read-only as the checkpoint's biases (Numba types read-only arrays apart)
-        vec.flags.writeable = False
-        unused = _UNUSED[dt] = (vec, np.zeros((0, 0), dt), np.zeros(0, np.int64))
+    unused = unused_args(dt)
     rows = block_rows(x)
     if ln is not None:
         residual, weight, ln_bias, eps = ln

@@ -97,6 +97,7 @@ class BertModel(Module):
         self.heads = heads or {}
         self.name_or_path = name_or_path
         self.skip_padding = bool(skip_padding)
+        self._plans: Dict = {}  # layer plans (model.planned): kernel arguments made once, checked each pass
         self._add("embeddings", BertEmbeddings(nested["embeddings"], config, self._k))
         self._add("encoder", BertEncoder(nested["encoder"], config, self._k))
         if "pooler" in nested:
@@ -157,6 +158,7 @@ class BertModel(Module):
                 output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
                 output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
                 tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
+                plans=self._plans,
             )
 
     def tap_names(self) -> List[str]:

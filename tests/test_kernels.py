@@ -554,3 +554,24 @@ def test_dense_layernorm_rejects_bad_arguments(version):
         f(x, w, v, np.ones((4, 5), np.float32), v, v, 1e-12)
     with pytest.raises(ValueError, match=r"ln_weight must have shape \(3,\).*got \(2,\)"):
         f(x, w, v, np.ones((4, 3), np.float32), v[:2], v, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 16, 300])
+def test_prepared_dense_layers_equal_the_ops(dtype, N):
+    """dense.prepare (the model's layer plans) runs the same kernel as dense_act / dense_layernorm
+    on the same arguments: equal values, above ACT_EPILOGUE_ROWS too; None for a writable weight."""
+    from minibert.kernels import dense as D
+
+    rng = np.random.default_rng(24)
+    x, w, frozen, b = _dense_case(rng, dtype, N, 48, 40)
+    assert D.prepare(w, b) is None
+    res = rng.standard_normal((N, 48)).astype(dtype)
+    lw, lb = (1 + 0.1 * rng.standard_normal(48)).astype(dtype), (0.1 * rng.standard_normal(48)).astype(dtype)
+    for act in (None, "gelu", "silu"):
+        y = D.prepare(frozen, b, act)(x)
+        ref = D.dense_act_numba_packed(x, frozen, b, act)
+        assert np.array_equal(y, ref), f"{act}: max abs difference {np.abs(y - ref).max():.3e}"
+    y = D.prepare(frozen, b, ln=(lw, lb, 1e-12))(x, res)
+    ref = D.dense_layernorm_numba_packed(x, frozen, b, res, lw, lb, 1e-12)
+    assert np.array_equal(y, ref), f"LayerNorm: max abs difference {np.abs(y - ref).max():.3e}"

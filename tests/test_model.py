@@ -178,6 +178,46 @@ def test_loaded_weights_are_read_only_and_a_new_one_takes_effect(tiny_dir):
                      TOL["fp32"], f"intermediate.dense.weight {step}")
 
 
+def test_layer_plans_give_the_unplanned_values_and_follow_assigned_weights(tiny_dir):
+    """BertModel runs each layer from a plan (its kernels' arguments made once: model.planned). The
+    plan must give exactly the unplanned pass's values, packed and dense batches alike, and must
+    follow a weight or LayerNorm parameter assigned after a pass, a read-only one included (which
+    the plan then packs and runs)."""
+    import torch
+
+    rng = np.random.default_rng(8)
+    ids, mask, _ = random_batch(rng, TINY, B=2, T=6)
+    ours = BertModel.from_pretrained(tiny_dir)
+    for m in (mask, np.ones_like(mask)):  # packed (padding skipped) and dense
+        planned = ours(ids, attention_mask=m).last_hidden_state
+        assert len(ours._plans) == TINY["num_hidden_layers"] and all(p[2] is not None for p in ours._plans.values())
+        plans, ours._plans = ours._plans, None
+        try:
+            unplanned = ours(ids, attention_mask=m).last_hidden_state
+        finally:
+            ours._plans = plans
+        assert np.array_equal(planned, unplanned), f"max abs difference {np.abs(planned - unplanned).max():.3e}"
+    hf = hf_model(tiny_dir)
+    valid = mask == 1
+    layer, hf_layer = ours.encoder.layer[1], hf.encoder.layer[1]
+    H = TINY["hidden_size"]
+    new = {"output.dense.weight": (rng.standard_normal(layer.output.dense.weight.shape) * 0.1).astype(np.float32),
+           "attention.output.LayerNorm.weight": (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)}
+    for name, value in new.items():
+        value.flags.writeable = False  # as loaded weights are: the plan packs and runs it
+        *path, leaf = name.split(".")
+        mod, hf_mod = layer, hf_layer
+        for part in path:
+            mod, hf_mod = getattr(mod, part), getattr(hf_mod, part)
+        setattr(mod, leaf, value)
+        with torch.no_grad():
+            getattr(hf_mod, leaf).copy_(torch.from_numpy(value.copy()))
+        theirs = hf_forward(hf, input_ids=ids, attention_mask=mask)
+        assert_close(ours(ids, attention_mask=mask).last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid],
+                     TOL["fp32"], f"after assigning a read-only {name}")
+        assert ours._plans[1][2] is not None, "the new read-only weight should run planned"
+
+
 @pytest.mark.parametrize("kernels", ["numba", "numpy"])
 def test_all_zero_mask_row_is_finite_and_matches(tiny_dir, kernels):
     rng = np.random.default_rng(4)
