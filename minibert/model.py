@@ -19,7 +19,9 @@ two output layers): the GEMM with its bias and what follows it in one kernel (ke
 on a copy of each read-only weight packed once into panels (kernels/gemm.py); a writable weight
 goes through ``k["gemm"]`` (BLAS, or for a few rows a Numba kernel that reads it in place) and
 the activation or LayerNorm kernel. The attention kernel does the per-head products
-(kernels/attention.py), and the task heads' layers go to NumPy's BLAS.
+(kernels/attention.py), and the task heads' layers go to NumPy's BLAS. In the plain case (no
+taps, no attentions) BertModel runs each layer from a plan, :func:`layer_planned`: the same
+kernels with their arguments prepared once (see :func:`planned`).
 
 This is transformers' BertModel with eager attention, post-LN:
   embeddings: LayerNorm(word + token_type + position)
