@@ -41,8 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from .activations import ACT_CODES
-from .gemm import (BIAS_ACT, LAYERNORM, _check, _gemm_packed, _kept, _packed_ok, block_rows, gemm_numpy,
-                   gemm_packed, packed, unused_args)
+from .gemm import _check, _kept, _packed_ok, gemm_numpy, gemm_packed, packed
 from .layernorm import layernorm_numpy
 from .registry import default, get, register
 
@@ -104,15 +103,23 @@ def _two_kernels(x, weight, b, act):
 
 @register("dense_act", "numba_packed", default=True)
 def dense_act_numba_packed(x, weight, bias, act=None):
-    code = _act_code(act)
+    _act_code(act)
     shape = _check(x, weight, None)
     b = _vector("bias", bias, shape[1], x.dtype)
     panels = _panels(x, weight)
-    if panels is None or (act is not None and x.shape[0] > ACT_EPILOGUE_ROWS):
+    if panels is None:
         return _two_kernels(x, weight, b, act)
-    y = np.empty(shape, dtype=x.dtype)
-    if y.size:
-        gemm_packed(x, panels, y, b, code)
+    return _act_packed(x, panels, b, act)
+
+
+def _act_packed(x, panels, b, act):  # act(x·Wᵀ + b) from W's panels; arguments checked
+    y = np.empty((x.shape[0], b.shape[0]), dtype=x.dtype)
+    if not y.size:
+        return y
+    if act is not None and x.shape[0] > ACT_EPILOGUE_ROWS:  # the activation as a pass of its own
+        gemm_packed(x, panels, y, b)  # the bias in the epilogue (free at any N), then the activation
+        return default(act)(y)
+    gemm_packed(x, panels, y, b, ACT_CODES[act])
     return y
 
 
@@ -144,9 +151,13 @@ def dense_layernorm_numba_packed(x, weight, bias, residual, ln_weight, ln_bias, 
     panels = _panels(x, weight)
     if panels is None:
         return default("layernorm")(default("gemm")(x, weight), residual, lw, lb, eps, b)
-    y = np.empty(shape, dtype=dt)
+    return _ln_packed(x, panels, b, np.ascontiguousarray(residual, dtype=dt), lw, lb, eps)
+
+
+def _ln_packed(x, panels, b, residual, lw, lb, eps):  # LayerNorm((x·Wᵀ + b) + residual) from W's panels
+    y = np.empty(residual.shape, dtype=x.dtype)
     if y.size:
-        gemm_packed(x, panels, y, b, ln=(np.ascontiguousarray(residual, dtype=dt), lw, lb, eps))
+        gemm_packed(x, panels, y, b, ln=(residual, lw, lb, eps))
     return y
 
 
@@ -154,34 +165,21 @@ def dense_layernorm_numba_packed(x, weight, bias, residual, ln_weight, ln_bias, 
 class Prepared:
     """One dense layer of the model with its epilogue, ready to run: ``layer(x)`` is
     ``dense_act(x, weight, bias, act)`` and ``layer(x, residual)`` (made with ``ln``) is
-    ``dense_layernorm(x, weight, bias, residual, *ln)``, the same kernel on the same arguments
-    without the per-call checks and lookups (~5 µs a call, 4 calls a layer: ~20 % of a MiniLM
-    (1, 16) pass went to Python). For minibert.model's layer plans, which check on every pass that
-    the arrays a Prepared was made from are still the layer's. ``x`` (and ``residual``) must be
-    C-contiguous [N, in] of the weight's dtype, N > 0. Make one with :func:`prepare`."""
+    ``dense_layernorm(x, weight, bias, residual, *ln)``, the same code on the same arguments
+    without the per-call checks and lookups. For minibert.model's layer plans, which check on
+    every pass that the arrays a Prepared was made from are still the layer's (and ``weight``
+    still read-only). ``x`` (and ``residual``) must be C-contiguous [N, in] ([N, out]) of the
+    weight's dtype. Make one with :func:`prepare`."""
 
-    __slots__ = ("panels", "width", "bias", "act", "code", "ln", "args")
+    __slots__ = ("weight", "panels", "bias", "act", "ln")
 
-    def __init__(self, panels, width, bias, act, ln):
-        self.panels, self.width, self.bias, self.act, self.ln = panels, width, bias, act, ln
-        self.code = ACT_CODES[act]
-        vec, mat, ints = unused_args(bias.dtype)
-        self.args = (mat, vec, vec, bias.dtype.type(0), ints)
+    def __init__(self, weight, bias, act, ln):
+        self.weight, self.panels, self.bias, self.act, self.ln = weight, packed(weight), bias, act, ln
 
     def __call__(self, x, residual=None):
-        N = x.shape[0]
-        y = np.empty((N, self.width), dtype=x.dtype)
-        rows = block_rows(x)
-        if self.ln is not None:
-            w, b, eps = self.ln
-            done = np.zeros(-(-N // rows), dtype=np.int64)  # panels finished, per row block
-            _gemm_packed(x, self.panels, y, rows, LAYERNORM, self.bias, 0, residual, w, b, eps, done)
-        elif self.code and N > ACT_EPILOGUE_ROWS:  # the activation as a pass of its own (see above)
-            _gemm_packed(x, self.panels, y, rows, BIAS_ACT, self.bias, 0, *self.args)
-            return default(self.act)(y, None)
-        else:
-            _gemm_packed(x, self.panels, y, rows, BIAS_ACT, self.bias, self.code, *self.args)
-        return y
+        if self.ln is None:
+            return _act_packed(x, self.panels, self.bias, self.act)
+        return _ln_packed(x, self.panels, self.bias, residual, *self.ln)
 
 
 def prepare(weight, bias, act=None, ln=None):
@@ -200,4 +198,4 @@ def prepare(weight, bias, act=None, ln=None):
             ln = (_vector("ln_weight", ln[0], n, dt), _vector("ln_bias", ln[1], n, dt), dt.type(ln[2]))
     except ValueError:
         return None
-    return Prepared(packed(weight), n, b, act, ln)
+    return Prepared(weight, b, act, ln)

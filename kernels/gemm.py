@@ -316,7 +316,7 @@ def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weigh
 _UNUSED: dict = {}  # dtype -> placeholders for the epilogue arguments an epilogue does not read
 
 
-def unused_args(dt):
+def _unused(dt):
     """(vector, matrix, counts): placeholders for the arguments of _gemm_packed that an epilogue
     does not read, typed as the model's arguments are, so its calls share one compiled kernel."""
     unused = _UNUSED.get(dt)
@@ -332,14 +332,13 @@ def gemm_packed(x, panels, out, bias=None, act=NONE, ln=None):
     ``act(out + bias)``; with ``ln = (residual, weight, bias, eps)`` too, LayerNorm((out + bias) +
     residual). Arguments as the kernel needs them: C-contiguous, of ``x``'s dtype; out.size > 0."""
     dt = x.dtype
-    unused = unused_args(dt)
     rows = block_rows(x)
     if ln is not None:
         residual, weight, ln_bias, eps = ln
         done = np.zeros(-(-x.shape[0] // rows), dtype=np.int64)  # panels finished, per row block
         _gemm_packed(x, panels, out, rows, LAYERNORM, bias, NONE, residual, weight, ln_bias, dt.type(eps), done)
     else:
-        vec, mat, ints = unused
+        vec, mat, ints = _unused(dt)
         epilogue, bias = (PRODUCT, vec) if bias is None else (BIAS_ACT, bias)
         _gemm_packed(x, panels, out, rows, epilogue, bias, act, mat, vec, vec, dt.type(0), ints)
 
