@@ -317,13 +317,14 @@ _UNUSED: dict = {}  # dtype -> placeholders for the epilogue arguments an epilog
 
 
 def _unused(dt):
-    """(vector, matrix, counts): placeholders for the arguments of _gemm_packed that an epilogue
-    does not read, typed as the model's arguments are, so its calls share one compiled kernel."""
+    """(vector, matrix, counts, zero): placeholders for the arguments of _gemm_packed that an
+    epilogue does not read, typed as the model's arguments are, so its calls share one compiled
+    kernel."""
     unused = _UNUSED.get(dt)
     if unused is None:
         vec = np.zeros(0, dt)  # read-only as the checkpoint's biases (Numba types read-only arrays apart)
         vec.flags.writeable = False
-        unused = _UNUSED[dt] = (vec, np.zeros((0, 0), dt), np.zeros(0, np.int64))
+        unused = _UNUSED[dt] = (vec, np.zeros((0, 0), dt), np.zeros(0, np.int64), np.dtype(dt).type(0))
     return unused
 
 
@@ -338,9 +339,9 @@ def gemm_packed(x, panels, out, bias=None, act=NONE, ln=None):
         done = np.zeros(-(-x.shape[0] // rows), dtype=np.int64)  # panels finished, per row block
         _gemm_packed(x, panels, out, rows, LAYERNORM, bias, NONE, residual, weight, ln_bias, dt.type(eps), done)
     else:
-        vec, mat, ints = _unused(dt)
+        vec, mat, ints, zero = _unused(dt)
         epilogue, bias = (PRODUCT, vec) if bias is None else (BIAS_ACT, bias)
-        _gemm_packed(x, panels, out, rows, epilogue, bias, act, mat, vec, vec, dt.type(0), ints)
+        _gemm_packed(x, panels, out, rows, epilogue, bias, act, mat, vec, vec, zero, ints)
 
 
 BLOCK_BYTES = 2 << 20  # at most about this much of x per row block, so a block stays in the L3 cache

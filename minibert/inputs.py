@@ -78,8 +78,8 @@ def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_typ
         m = same_shape("attention_mask", attention_mask)
         if m.dtype.kind not in "biuf":
             raise TypeError(f"attention_mask has dtype {m.dtype}; expected 0/1 integers, bools or floats")
-        bad = (m != 0) & (m != 1)
-        if bad.any():
+        bad = None if (m == 1).all() else (m != 0) & (m != 1)  # all ones, no padding: the common case
+        if bad is not None and bad.any():
             value, idx = _first_bad(m, bad)
             raise ValueError(f"attention_mask contains {value} at {list(idx)}; expected only 0 (padding) and 1 (token)")
         mask = m.astype(dtype)
@@ -97,7 +97,8 @@ def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_typ
                 f"input_ids has {T} tokens per sequence; the model takes at most max_position_embeddings={P} "
                 "(truncate, e.g. tokenizer(..., truncation=True, max_length=...))"
             )
-        pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
+        pos = np.empty((B, T), dtype=np.int64)
+        pos[:] = np.arange(T)  # a real [B, T] array: the model flattens it without a copy
     else:
         pos = _as_int_array("position_ids", position_ids)
         if pos.ndim == 1:

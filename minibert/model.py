@@ -31,6 +31,7 @@ This is transformers' BertModel with eager attention, post-LN:
 from __future__ import annotations
 
 import weakref
+from operator import is_
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -261,7 +262,7 @@ def planned(plans: Dict, i: int, lp, act, eps):
     the very arrays it was made from, read-only (checked every pass: ~1 µs a layer)."""
     src = _sources(lp)
     hit = plans.get(i)
-    if (hit is None or hit[0] != (act, eps) or any(a is not b for a, b in zip(src, hit[1]))
+    if (hit is None or hit[0] != (act, eps) or not all(map(is_, src, hit[1]))
             or (hit[2] is not None and any(p.weight.flags.writeable for p in hit[2]))):
         hit = plans[i] = ((act, eps), src, layer_plan(lp, act, eps))
     return hit[2]

@@ -28,6 +28,7 @@ IDS = np.array([[2, 5, 7, 9], [3, 4, 6, 8]])
     (dict(input_ids=IDS, token_type_ids=[[0, 0, 0, 0]]), ValueError, "token_type_ids has shape \\(1, 4\\); expected \\(2, 4\\)"),
     (dict(input_ids=IDS, attention_mask=[[1, 1, 1], [1, 1, 1]]), ValueError, "attention_mask has shape \\(2, 3\\); expected \\(2, 4\\)"),
     (dict(input_ids=IDS, attention_mask=[[1, 1, 2, 0], [1, 1, 1, 1]]), ValueError, "attention_mask contains 2 at \\[0, 2\\]"),
+    (dict(input_ids=IDS, attention_mask=np.full((2, 4), 2)), ValueError, "attention_mask contains 2 at \\[0, 0\\]"),
     (dict(input_ids=IDS, position_ids=[[0, 1, 2]]), ValueError, "position_ids has shape"),
     (dict(input_ids=IDS, position_ids=[[0, 1, 2, P]]), ValueError, f"position_ids contains {P} at \\[0, 3\\]"),
     (dict(input_ids=np.ones((2, 3, 4), dtype=np.int64)), ValueError, "input_ids has 3 dimensions"),

@@ -289,16 +289,18 @@ def _attention_case(rng, dtype, lengths, n_head, dH, dense_T=None):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("case", ["packed", "dense-masked", "head32-long", "odd-head"])
+@pytest.mark.parametrize("case", ["packed", "dense-masked", "head32-long", "odd-head", "head64"])
 def test_attention_matches_reference(dtype, case):
     """Packed sequences of mixed lengths (one empty, one of a single token), a dense batch with
-    padding and a row with no valid key, long sequences with head size 32, and a head size that
-    is neither a multiple of 3 nor of 4 (the blocked kernels' tails)."""
+    padding and a row with no valid key, long sequences with head size 32, a head size that is
+    neither a multiple of 3 nor of 4 (the blocked kernels' tails), and bert-base's head size 64
+    at lengths around one and several vectors of keys (numba_outer's column tiles)."""
     rng = np.random.default_rng(9)
     lengths, n_head, dH, dense_T = {"packed": ([5, 0, 17, 1, 9], 4, 16, None),
                                     "dense-masked": ([12, 12, 12], 3, 8, 12),
                                     "head32-long": ([200, 37], 2, 32, None),
-                                    "odd-head": ([7, 4, 3, 10], 2, 5, None)}[case]
+                                    "odd-head": ([7, 4, 3, 10], 2, 5, None),
+                                    "head64": ([16, 3, 29, 8, 41], 2, 64, None)}[case]
     qkv, starts, mask = _attention_case(rng, dtype, lengths, n_head, dH, dense_T)
     ref = get("attention", "numpy")(qkv, starts, n_head, dH ** -0.5, mask)
     assert np.isfinite(ref).all()
