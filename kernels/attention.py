@@ -34,13 +34,17 @@ Versions:
   Against ``blas_v2`` in one process (medians of 15): bert-base (8, 128) 3.97 vs 6.10 ms,
   MiniLM (8, 128) 2.39 vs 4.21 ms, bert-base (1, 512) 6.2 vs 7.4 ms. No BLAS call, so no
   OpenBLAS spin window either.
+  - The softmax's row max is ``fastmath.fmax`` (LLVM's maxnum, which the vectorizer reduces;
+    Numba's ``max()`` stayed scalar): medians before / after, 2 threads, a loaded machine:
+    MiniLM (1, 128) 0.30 / 0.28 ms, (8, 128) 2.63 / 2.25, bert-base (8, 128) 4.52 / 3.88,
+    (1, 512) 6.64 / 6.06; (1, 16) 19.3 / 18.8 µs (rows too short to vectorize).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from .fastmath import fexp
+from .fastmath import fexp, fmax
 from .gemm import _dot
 from .registry import register
 from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
@@ -207,7 +211,7 @@ def _softmax_rows(s, nr, inv, zero):  # s[:nr] -> exp(s - row max) in place, inv
         row = s[r]
         m = row[0]
         for j in range(row.size):
-            m = max(m, row[j])
+            m = fmax(m, row[j])  # a vectorized max (fastmath.fmax)
         tot = zero  # of s's dtype: a float64 sum of float32 terms would not vectorize as well
         for j in range(row.size):
             e = fexp(row[j] - m)

@@ -14,6 +14,11 @@ straight-line multiply-adds and a bit cast that LLVM turns into 8-wide AVX2 code
   (erf is ±1 in float32 beyond), odd degree-13 numerator over even degree-8 denominator. A few ulp.
 - ``fexp(x)`` / ``ferf(x)``: these for float32 arguments; ``math.exp`` / ``math.erf`` for float64,
   where fp64 parity (1e-10) needs the exact functions. Chosen at compile time, per type.
+- ``fmax(a, b)``: the larger of two floats as LLVM's ``maxnum``, for a row's running maximum:
+  LLVM vectorizes a ``maxnum`` reduction, not the compare-and-select Numba makes of ``max()``
+  (a row max over 128 float32: 0.25 ns an element with ``max``, 0.045 with ``fmax``; at 16 the
+  loop is too short for the vector body either way). With a NaN it returns the other operand
+  (the NaN still reaches the result through the row's other terms).
 
 Caution when editing this file: Numba's on-disk cache (``cache=True``) of a kernel in another
 file is keyed on that file, not on this one, so a kernel compiled before an edit here keeps the
@@ -27,6 +32,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 f32 = np.float32
@@ -110,3 +116,18 @@ def _ferf(x):
     if x == types.float32:
         return lambda x: erf_f32(x)
     return lambda x: math.erf(x)
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """``llvm.maxnum`` of two floats of one type (see the module docstring)."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ft = context.get_data_type(signature.args[0])
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ft, [ft, ft]),
+                                            f"llvm.maxnum.f{a.bitwidth}")
+        return builder.call(fn, args)
+
+    return a(a, b), codegen

@@ -30,7 +30,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .fastmath import fexp
+from .fastmath import fexp, fmax
 from .parallel import launch
 from .registry import register
 
@@ -101,7 +101,7 @@ def _masked_softmax_v2(s, mask, scale, one, out):
         for k in range(k_n):
             v = src[k] * scale + add[k]
             dst[k] = v
-            m = max(m, v)
+            m = fmax(m, v)  # a vectorized max (fastmath.fmax)
         tot = one - one  # a float32 zero for float32 rows: `m * 0` would be float64 (int 0), and so the sum
         for k in range(k_n):
             e = fexp(dst[k] - m)
