@@ -51,7 +51,8 @@ def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
         assert row["tokens_per_s"] > 0 and 0 < row["pct_sgemm_peak"]
     mixed = [row for row in data["results"] if row["shape"].startswith("mixed")]
     assert all(row["valid_tokens"] < row["padded_tokens"] for row in mixed)
-    assert data["sgemm_peak_gflop_s"] > 0 and data["breakdown"]["ops"][-1]["op"] == "total forward"
+    assert data["sgemm_peak_gflop_s"] > 0 and data["sgemm_peak_end_gflop_s"] > 0
+    assert data["breakdown"]["ops"][-1]["op"] == "total forward"
     assert png.stat().st_size > 0
     assert "sgemm peak" in r.stdout and "per-op time" in r.stdout
 
