@@ -179,22 +179,22 @@ def test_loaded_weights_are_read_only_and_a_new_one_takes_effect(tiny_dir):
 
 
 def test_layer_plans_give_the_unplanned_values_and_follow_assigned_weights(tiny_dir, monkeypatch):
-    """BertModel runs each layer from a plan (its kernels' arguments made once: model.planned), up to
-    256 rows as one compiled call (kernels/layer.py), above that as Python calls. Each way must give
-    exactly the unplanned pass's values, packed and dense batches alike (with and without padding
-    keys masked), and must follow a weight or LayerNorm parameter assigned after a pass, a
-    read-only one included (which the plan then packs and runs)."""
+    """BertModel runs each layer from a plan (its kernels' arguments made once: model.planned), up
+    to 256 rows calling the kernels directly (kernels/layer.py), above that through their wrappers.
+    Each way must give exactly the unplanned pass's values, packed and dense batches alike (with
+    and without padding keys masked), and must follow a weight or LayerNorm parameter assigned
+    after a pass, a read-only one included (which the plan then packs and runs)."""
     import torch
 
-    from minibert.kernels import layer as compiled_layer
+    from minibert.kernels import layer as direct_layer
 
     rng = np.random.default_rng(8)
     ids, mask, _ = random_batch(rng, TINY, B=2, T=6)
-    big_ids, big_mask, _ = random_batch(rng, TINY, B=6, T=50, pad=False)  # 300 rows: above the compiled 256
+    big_ids, big_mask, _ = random_batch(rng, TINY, B=6, T=50, pad=False)  # 300 rows: above the direct path's 256
     ours = BertModel.from_pretrained(tiny_dir)
     ran = []
-    run = compiled_layer.run
-    monkeypatch.setattr(compiled_layer, "run", lambda *a: ran.append(a[0].shape[0]) or run(*a))
+    run = direct_layer.run
+    monkeypatch.setattr(direct_layer, "run", lambda *a: ran.append(a[0].shape[0]) or run(*a))
     cases = [(ids, mask, False), (ids, np.ones_like(mask), False), (big_ids, big_mask, False),
              (ids, mask, True)]  # the last: a dense batch with its padding keys masked (skip_padding=False)
     for i, m, dense in cases:
@@ -203,8 +203,8 @@ def test_layer_plans_give_the_unplanned_values_and_follow_assigned_weights(tiny_
         assert len(ours._plans) == TINY["num_hidden_layers"] and all(p[2] is not None for p in ours._plans.values())
         rows = i.size if dense or m.all() else int(m.sum())
         assert ran == ([rows] * TINY["num_hidden_layers"] if rows <= 256 else []), ran
-        with monkeypatch.context() as mp:  # the plan's Python calls, for a few rows too
-            mp.setattr(compiled_layer, "fits", lambda x: False)
+        with monkeypatch.context() as mp:  # the plan through the wrappers, for a few rows too
+            mp.setattr(direct_layer, "fits", lambda x: False)
             python_planned = ours.run(i, attention_mask=m, skip_padding=not dense)["last_hidden_state"]
         plans, ours._plans = ours._plans, None
         try:
