@@ -30,8 +30,12 @@ Versions:
   128 0.899 / 0.878, 512 3.56 / 3.59. The activation of a 24-column tile row costs more than
   in a pass over whole rows (the vector loop's set-up and tail, once per 24 elements), which
   the saved region outweighs only for a few rows; so above ``ACT_EPILOGUE_ROWS`` rows the
-  activation runs as a pass of its own. The bias alone (Q/K/V) and the LayerNorm (once per
-  whole row) cost nothing extra at any N measured (1024 rows: 25.9 ms both ways).
+  activation runs as a pass of its own, with the bias (added per tile in the epilogue instead it
+  cost ~1 ms more there: [1024, 768] x [3072, 768]ᵀ, medians of 9 interleaved on a loaded machine,
+  product alone 27.1 ms, with the bias epilogue 28.5; product then bias + GELU pass 28.6, bias
+  epilogue then GELU pass 30.0). The bias alone (Q/K/V) stays in the epilogue at every N (a pass
+  of its own would read and write the output again), and so does the LayerNorm (once per whole
+  row; 1024 rows: 25.9 ms both ways when measured).
   Weights that gemm does not pack (writable ones, other dtypes) and strided ``x`` take the two
   kernels of the "numba" set instead: the default gemm, then the default activation or
   LayerNorm with the bias fused.
@@ -117,8 +121,8 @@ def _act_packed(x, panels, b, act):  # act(x·Wᵀ + b) from W's panels; argumen
     if not y.size:
         return y
     if act is not None and x.shape[0] > ACT_EPILOGUE_ROWS:  # the activation as a pass of its own
-        gemm_packed(x, panels, y, b)  # the bias in the epilogue (free at any N), then the activation
-        return default(act)(y)
+        gemm_packed(x, panels, y)  # the product alone, then the activation with the bias fused: the
+        return default(act)(y, b)  # bias in the epilogue instead cost ~1 ms more at [1024, 3072]
     gemm_packed(x, panels, y, b, ACT_CODES[act])
     return y
 

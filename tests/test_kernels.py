@@ -515,10 +515,10 @@ def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):
     the two kernels; both give the reference's values (the tests above)."""
     from minibert.kernels import dense as D
 
-    calls = []  # the epilogue of each fused call: "ln", or the activation code (0: the bias only)
+    calls = []  # the epilogue of each fused call: "ln", the activation code (0: the bias only), or "product"
     real = D.gemm_packed
-    monkeypatch.setattr(D, "gemm_packed", lambda *a, **kw: calls.append("ln" if "ln" in kw else a[4] if len(a) > 4
-                                                                          else 0) or real(*a, **kw))
+    monkeypatch.setattr(D, "gemm_packed", lambda *a, **kw: calls.append(
+        "ln" if "ln" in kw else a[4] if len(a) > 4 else "product" if len(a) == 3 else 0) or real(*a, **kw))
     x, w, frozen, b = _dense_case(np.random.default_rng(23), np.float32, 16, 48, 24)
     res = np.zeros((16, 48), np.float32)
     ones = np.ones(48, np.float32)
@@ -530,9 +530,9 @@ def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):
     D.dense_act_numba_packed(np.asfortranarray(x), frozen, b)  # strided x: the two kernels
     assert calls == [D.ACT_CODES["gelu"], "ln"]
     many = np.ones((D.ACT_EPILOGUE_ROWS + 1, 24), np.float32)
-    D.dense_act_numba_packed(many, frozen, b, "gelu")  # many rows: the bias in the GEMM, the GELU a pass of its own
-    D.dense_act_numba_packed(many, frozen, b)
-    assert calls == [D.ACT_CODES["gelu"], "ln", 0, 0]
+    D.dense_act_numba_packed(many, frozen, b, "gelu")  # many rows: the product, then bias + GELU as a pass
+    D.dense_act_numba_packed(many, frozen, b)  # the bias alone stays in the epilogue at any N
+    assert calls == [D.ACT_CODES["gelu"], "ln", "product", 0]
 
 
 @pytest.mark.parametrize("version", available("dense_act"))
