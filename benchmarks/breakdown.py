@@ -11,8 +11,7 @@ embedding gathers and copies ("other").
 
 Wrapping the kernels turns BertModel's layer plans off (minibert.model.planned runs only with the
 kernel set's own dense ops), so the pass measured here is the unplanned one: the kernels' times are
-the same, and "other" includes the per-call Python that the plans save (MiniLM (1, 16): ~0.3 ms, and
-~0.1 ms more where a short layer's kernels are called without their wrappers, kernels/layer.py).
+the same, and "other" includes the ~0.3 ms of per-call Python (MiniLM (1, 16)) that the plans save.
 """
 from __future__ import annotations
 

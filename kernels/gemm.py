@@ -348,12 +348,8 @@ BLOCK_BYTES = 2 << 20  # at most about this much of x per row block, so a block 
 
 
 def block_rows(x):  # rows per block: equal blocks (equal tasks), a multiple of the tile's rows
-    return rows_for(x.shape[0], x.nbytes)
-
-
-def rows_for(n, nbytes):  # block_rows of an x of n rows and nbytes bytes
-    blocks = max(1, -(-nbytes // BLOCK_BYTES))
-    rows = -(-n // blocks)
+    blocks = max(1, -(-x.nbytes // BLOCK_BYTES))
+    rows = -(-x.shape[0] // blocks)
     return max(TILE_ROWS, -(-rows // TILE_ROWS) * TILE_ROWS)
 
 

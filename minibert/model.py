@@ -21,8 +21,7 @@ goes through ``k["gemm"]`` (BLAS, or for a few rows a Numba kernel that reads it
 the activation or LayerNorm kernel. The attention kernel does the per-head products
 (kernels/attention.py), and the task heads' layers go to NumPy's BLAS. In the plain case (no
 taps, no attentions) BertModel runs each layer from a plan, :func:`layer_planned`: the same
-kernels with their arguments prepared once (see :func:`planned`), and for up to 256 rows called
-directly, without the kernel wrappers (kernels/layer.py).
+kernels with their arguments prepared once (see :func:`planned`).
 
 This is transformers' BertModel with eager attention, post-LN:
   embeddings: LayerNorm(word + token_type + position)
@@ -38,8 +37,6 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .kernels import dense as _dense
-from .kernels import layer as _layer
-from .kernels.attention import attention_numba_tiled as _attention_default
 
 
 def linear(x, weight, bias):  # [..., in], [out, in], [out] -> [..., out]
@@ -272,8 +269,6 @@ def planned(plans: Dict, i: int, lp, act, eps):
 
 
 def layer_planned(x, batch: Batch, steps, n_head, k):  # [N, H] -> [N, H]: ``layer`` with a plan
-    if _layer.fits(x) and k["attention"] is _attention_default:  # a few rows: the kernels, no wrappers
-        return _layer.run(x, batch.starts, None if batch.is_packed else batch.mask, n_head, steps)
     qkv_dense, attn_out, inter, out = steps
     qkv = qkv_dense(x)  # [N, 3H], biases added
     dH = x.shape[1] // n_head
@@ -353,8 +348,7 @@ def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, 
     ``plans``: a dict the caller keeps between calls (BertModel does), for layer plans: when
     neither attentions nor captures are asked for and ``k``'s dense ops are the prepared-kernel
     versions, each layer runs :func:`layer_planned`, the same kernels without the per-call
-    Python of :func:`layer` (~0.3 ms of a MiniLM (1, 16) pass, measured), for up to 256 rows
-    without the kernel wrappers either (kernels/layer.py: ~0.1 ms more)."""
+    Python of :func:`layer` (~0.3 ms of a MiniLM (1, 16) pass, measured)."""
     dtype = params["embeddings"]["LayerNorm"]["weight"].dtype
     wanted, tap = tap, (tap or None)  # an empty Taps runs like None and still returns {}
     valid = attention_mask != 0  # [B, T]
