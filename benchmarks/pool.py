@@ -1,25 +1,27 @@
-"""One thread pool or two: minibert's forward pass with OpenBLAS's jobs on Numba's threads (the
-default, ``minibert.blaspool``) against OpenBLAS keeping its own pool, back to back and after an
-idle pause.
+"""One thread pool or two, pinned or not: minibert's forward pass with OpenBLAS's jobs on Numba's
+threads (the default, ``minibert.blaspool``) against OpenBLAS keeping its own pool, and with the
+pass's threads on CPUs of their own (the default, ``minibert.affinity``) or where the OS puts
+them; back to back and after idle pauses.
 
     python -m benchmarks.pool [--model base|minilm|all|PATH] [--shapes 1x16,1x128,8x128]
-                              [--spin 40000,200000] [--repeats 15] [--rounds 2] [--gap 0.3] [--output FILE]
+                              [--spin 40000,200000] [--repeats 15] [--rounds 2] [--gap 0.005,0.3] [--output FILE]
     python -m benchmarks.pool --wake
 
-Settings: "shared" (the default: one pool, its idle workers spin for GOMP_SPINCOUNT iterations),
-"own pools" (``MINIBERT_BLAS_ON_NUMBA_POOL=0``: OpenBLAS's threads for the GEMMs, Numba's workers
-sleep at once) and, per ``--spin`` value, "shared" with that GOMP_SPINCOUNT. Both variables are
-read once per process, so every (setting, model, shape) runs in a process of its own; ``--rounds``
-repeats the whole sweep, settings alternating, so a noisy stretch of the host hits all of them.
-In each process: 5 warm-up passes, then ``--repeats`` pairs of a pass right after the previous
-one ("back to back") and a pass after ``--gap`` seconds of sleep ("after a pause": what a
-request arriving at an idle server sees). Prints medians per setting and writes JSON.
+Settings: "shared" (the default: one pool, its idle workers spin for GOMP_SPINCOUNT iterations,
+pinned), "shared, unpinned" (``MINIBERT_PIN_THREADS=0``), "own pools"
+(``MINIBERT_BLAS_ON_NUMBA_POOL=0``: OpenBLAS's threads for the GEMMs, Numba's workers sleep at
+once) and, per ``--spin`` value, "shared" with that GOMP_SPINCOUNT. The variables are read once
+per process, so every (setting, model, shape) runs in a process of its own; ``--rounds`` repeats
+the whole sweep, settings alternating, so a noisy stretch of the host hits all of them. In each
+process: 5 warm-up passes, then ``--repeats`` times, for each pause in ``--gap``: a pass right
+after the previous one ("back to back") and a pass after that many seconds of sleep ("after a
+pause": 5 ms is a caller doing a little work between calls, 0.3 s a request arriving at an idle
+server). Prints medians per setting and writes JSON.
 
 ``--wake`` instead measures what a pause costs by itself: the wall time of the first (and second)
-trivial two-thread parallel region after sleeping 5 ms ... 1 s, in this process (the shared-pool
-default), medians of 12. On the machines this project runs on the first region after a pause of
-10 ms or more took ~4 ms, one scheduler tick: the halted vCPU of the worker is slow to come back,
-whatever the thread pool.
+trivial two-thread parallel region after sleeping 5 ms ... 1 s, in this process, first with the
+threads unpinned, then inside ``blaspool.shared()`` as a forward pass runs them (pinned), medians
+of 12.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ CHILD = """
 import json, statistics, sys, time
 import numpy as np
 import minibert
-from minibert import blaspool
+from minibert import affinity, blaspool
 from benchmarks.model import model_dir
-name, B, T, threads, repeats, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+name, B, T, threads, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+gaps = [float(g) for g in sys.argv[6].split(",")]
 minibert.set_num_threads(threads)
 m = minibert.BertModel.from_pretrained(str(model_dir(name)))
 ids = np.random.default_rng(0).integers(1000, 2000, (B, T))
@@ -53,20 +56,29 @@ def run():
     return time.perf_counter() - t
 for _ in range(5):
     run()
-b2b, paused = [], []
+b2b, paused = [], {str(g): [] for g in gaps}
 for _ in range(repeats):
-    b2b.append(run())
-    time.sleep(gap)
-    paused.append(run())
-print(json.dumps(dict(back_to_back_s=b2b, after_pause_s=paused, shared_pool=blaspool.available(), blas_calls_on_numba_pool=blaspool.calls())))
+    for g in gaps:
+        b2b.append(run())
+        time.sleep(g)
+        paused[str(g)].append(run())
+print(json.dumps(dict(back_to_back_s=b2b, after_pause_s=paused, shared_pool=blaspool.available(),
+                      blas_calls_on_numba_pool=blaspool.calls(), pinned=bool(affinity.pinned()) and
+                      all(t[1] is not None for t in affinity.pinned().values()))))
 """
 
 
 def wake_probe(threads, pauses=(0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0), repeats=12):
+    """Medians of the first and second trivial parallel region after each pause: first with the
+    threads where the OS puts them, then inside ``blaspool.shared()`` (a forward pass's setting:
+    the workers pinned, the caller off their CPUs, see minibert.affinity)."""
+    import contextlib
+
     import numpy as np
     from numba import njit, prange
 
     import minibert
+    from minibert import affinity, blaspool
 
     minibert.set_num_threads(threads)
 
@@ -77,35 +89,44 @@ def wake_probe(threads, pauses=(0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0), repeats
 
     a = np.zeros(threads)
     tiny(a)
-    rows = []
-    for pause in pauses:
-        first, second = [], []
-        for _ in range(repeats):
-            time.sleep(pause)
-            for acc in (first, second):
-                t = time.perf_counter()
-                tiny(a)
-                acc.append(time.perf_counter() - t)
-        rows.append(dict(pause_s=pause, first_region_us=1e6 * statistics.median(first),
-                         second_region_us=1e6 * statistics.median(second), repeats=repeats))
-        print(f"pause {pause * 1e3:6.0f} ms: first region {rows[-1]['first_region_us']:8.0f} us, "
-              f"second {rows[-1]['second_region_us']:6.0f} us")
-    return rows
+    rows = {pause: dict(pause_s=pause, repeats=repeats) for pause in pauses}
+    for label, ctx in (("", contextlib.nullcontext), ("pinned_", blaspool.shared)):  # unpinned first: pinning lasts
+        with ctx():
+            tiny(a)  # pins the workers (once) in the pinned setting
+        for pause in pauses:
+            first, second = [], []
+            for _ in range(repeats):
+                time.sleep(pause)
+                for acc in (first, second):
+                    t = time.perf_counter()
+                    with ctx():
+                        tiny(a)
+                    acc.append(time.perf_counter() - t)
+            rows[pause].update({f"{label}first_region_us": 1e6 * statistics.median(first),
+                                f"{label}second_region_us": 1e6 * statistics.median(second)})
+    pinned = any(t[1] is not None for t in affinity.pinned().values())
+    for r in rows.values():
+        r["pinned"] = pinned
+        print(f"pause {r['pause_s'] * 1e3:6.0f} ms: first region {r['first_region_us']:8.0f} us, second "
+              f"{r['second_region_us']:6.0f} us; {'pinned' if pinned else 'not pinned (here)'}: first "
+              f"{r['pinned_first_region_us']:6.0f} us, second {r['pinned_second_region_us']:6.0f} us")
+    return list(rows.values())
 
 
 def settings(spins):
-    out = {"shared": {}, "own pools": {"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}}
+    out = {"shared": {}, "shared, unpinned": {"MINIBERT_PIN_THREADS": "0"},
+           "own pools": {"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}}
     for s in spins:
         out[f"shared, GOMP_SPINCOUNT={s}"] = {"GOMP_SPINCOUNT": str(s)}
     return out
 
 
-def run_child(env_extra, name, B, T, threads, repeats, gap):
+def run_child(env_extra, name, B, T, threads, repeats, gaps):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL")}
+           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL", "MINIBERT_PIN_THREADS")}
     env.update(env_extra)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    r = subprocess.run([sys.executable, "-c", CHILD, name, str(B), str(T), str(threads), str(repeats), str(gap)],
+    r = subprocess.run([sys.executable, "-c", CHILD, name, str(B), str(T), str(threads), str(repeats), ",".join(map(str, gaps))],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
     if r.returncode != 0:
         raise SystemExit(f"{name} ({B}, {T}) {env_extra}: the child failed\n{r.stderr[-3000:]}")
@@ -120,6 +141,16 @@ def parse_shapes(text):
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
         raise SystemExit(f"--shapes {text!r}: expected positive batch x length pairs, e.g. 1x16,8x128")
     return shapes
+
+
+def parse_gaps(text):
+    try:
+        gaps = [float(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        gaps = []
+    if not gaps or any(not (0 < g <= 60) for g in gaps):
+        raise SystemExit(f"--gap {text!r}: expected comma-separated pauses in seconds, each in (0, 60], e.g. 0.005,0.3")
+    return gaps
 
 
 def parse_spins(text):
@@ -140,7 +171,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--gap", type=float, default=0.3)
+    p.add_argument("--gap", default="0.005,0.3", help="pauses before the timed passes, seconds, comma-separated")
     p.add_argument("--wake", action="store_true", help="only time the first parallel region after pauses")
     p.add_argument("--output", default=None, help="JSON file (default benchmarks/results/pool.json, "
                                                      "or pool-wake.json with --wake)")
@@ -155,36 +186,41 @@ def main(argv=None):
     models = ["minilm", "base"] if a.model == "all" else [a.model]
     shapes = parse_shapes(a.shapes)
     spins = parse_spins(a.spin)
+    gaps = parse_gaps(a.gap)
     conf = settings(spins)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    samples = {}  # (model, shape, setting) -> {"back_to_back_s": [...], "after_pause_s": [...]}
+    samples = {}  # (model, shape, setting) -> {"back_to_back_s": [...], "after_pause_s": {gap: [...]}}
     for rnd in range(a.rounds):
         for name in models:
             for B, T in shapes:
                 order = list(conf) if rnd % 2 == 0 else list(conf)[::-1]
                 for s in order:
-                    got = run_child(conf[s], name, B, T, a.threads, a.repeats, a.gap)
-                    cell = samples.setdefault((name, f"({B}, {T})", s), {"back_to_back_s": [], "after_pause_s": []})
-                    for k in cell:
-                        cell[k] += got[k]
-                    cell["shared_pool"] = got["shared_pool"]
+                    got = run_child(conf[s], name, B, T, a.threads, a.repeats, gaps)
+                    cell = samples.setdefault((name, f"({B}, {T})", s),
+                                              {"back_to_back_s": [], "after_pause_s": {str(g): [] for g in gaps}})
+                    cell["back_to_back_s"] += got["back_to_back_s"]
+                    for g, ts in got["after_pause_s"].items():
+                        cell["after_pause_s"][g] += ts
+                    cell["shared_pool"], cell["pinned"] = got["shared_pool"], got["pinned"]
                     print(f"round {rnd + 1}: {name} ({B}, {T}) {s}: back to back "
-                          f"{1e3 * statistics.median(got['back_to_back_s']):.2f} ms, after a pause "
-                          f"{1e3 * statistics.median(got['after_pause_s']):.2f} ms", file=sys.stderr)
+                          f"{1e3 * statistics.median(got['back_to_back_s']):.2f} ms, after a pause of "
+                          + ", ".join(f"{g} s {1e3 * statistics.median(ts):.2f} ms" for g, ts in got["after_pause_s"].items()),
+                          file=sys.stderr)
     rows = []
     for (name, shape, s), cell in samples.items():
-        rows.append(dict(model=name, shape=shape, setting=s, shared_pool=cell["shared_pool"],
+        rows.append(dict(model=name, shape=shape, setting=s, shared_pool=cell["shared_pool"], pinned=cell["pinned"],
                          back_to_back_ms=1e3 * statistics.median(cell["back_to_back_s"]),
-                         after_pause_ms=1e3 * statistics.median(cell["after_pause_s"]),
-                         samples=len(cell["back_to_back_s"])))
-    print(f"median ms per forward pass, {a.threads} threads, {a.rounds} rounds x {a.repeats} repeats, "
-          f"pause {a.gap} s")
-    print(f"{'model':8s} {'shape':10s} {'setting':34s} {'back to back':>13s} {'after pause':>12s}")
+                         after_pause_ms={g: 1e3 * statistics.median(ts) for g, ts in cell["after_pause_s"].items()},
+                         samples=len(cell["back_to_back_s"]) // len(gaps)))
+    print(f"median ms per forward pass, {a.threads} threads, {a.rounds} rounds x {a.repeats} repeats")
+    print(f"{'model':8s} {'shape':10s} {'setting':34s} {'back to back':>13s} "
+          + " ".join(f"{'after ' + str(g) + ' s':>12s}" for g in gaps))
     for r in rows:
         print(f"{r['model']:8s} {r['shape']:10s} {r['setting']:34s} {r['back_to_back_ms']:13.2f} "
-              f"{r['after_pause_ms']:12.2f}")
-    path = write_json(a.output or "benchmarks/results/pool.json", dict(benchmark="pool", started=started, threads=a.threads, repeats=a.repeats,
-                                     rounds=a.rounds, gap_s=a.gap, machine=machine(), results=rows))
+              + " ".join(f"{v:12.2f}" for v in r["after_pause_ms"].values()))
+    path = write_json(a.output or "benchmarks/results/pool.json",
+                      dict(benchmark="pool", started=started, threads=a.threads, repeats=a.repeats, rounds=a.rounds,
+                           gaps_s=gaps, machine=machine(), results=rows))
     print(f"wrote {path}")
 
 

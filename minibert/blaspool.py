@@ -36,6 +36,8 @@ import threading
 from .switches import switch
 
 _lock = threading.Lock()
+_code_lock = threading.Lock()
+_code = None  # None: not tried yet; (llvmlite engine, {function: address}) or (): no libgomp pool
 _depth = 0
 _state = None  # None: not tried yet; (callback address, [setter functions], (engine, call counter)) or ()
 
@@ -95,6 +97,19 @@ entry:
   call void inttoptr (i64 {gomp_parallel} to ptr)(ptr @minibert_blas_worker, ptr %s, i32 %numjobs, i32 0)
   ret void
 }}
+
+define void @minibert_team_worker(ptr %fn) {{
+entry:
+  %tid = call i32 inttoptr (i64 {thread_num} to ptr)()
+  call void %fn(i32 %tid)
+  ret void
+}}
+
+define void @minibert_team_run(ptr %fn, i32 %n) {{
+entry:
+  call void inttoptr (i64 {gomp_parallel} to ptr)(ptr @minibert_team_worker, ptr %fn, i32 %n, i32 0)
+  ret void
+}}
 """
 
 
@@ -143,17 +158,15 @@ def _address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
-def _build():
-    """(callback address, setters, (engine, call counter)); () when this process cannot share the pool; None when
-    it cannot tell yet (Numba has not started its threads)."""
-    if not enabled():
+def _compile():
+    """(engine, {function name: address}) of the IR above on the libgomp Numba's pool runs on; ()
+    when there is none (or the platform is not 64-bit Linux, which the IR assumes: ``size_t`` is
+    64 bits); None when it cannot tell yet (Numba has not started its threads)."""
+    if not (sys.platform.startswith("linux") and sys.maxsize > 2 ** 32):
         return ()
     gomp = _gomp()
     if not gomp:
-        return None if gomp is None else ()  # None: ask again later
-    setters = _setters()
-    if not setters:
-        return ()
+        return None if gomp is None else ()
     import llvmlite.binding as llvm
 
     ir = _IR.format(thread_num=_address(gomp.omp_get_thread_num), num_threads=_address(gomp.omp_get_num_threads),
@@ -163,8 +176,51 @@ def _build():
     machine = llvm.Target.from_default_triple().create_target_machine(opt=2)
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()
+    names = ("minibert_blas_callback", "minibert_team_run")
+    return engine, {n: engine.get_function_address(n) for n in names}
+
+
+def _compiled():
+    global _code
+    with _code_lock:
+        if _code is None:
+            _code = _compile()
+        return _code
+
+
+def _build():
+    """(callback address, setters, (engine, call counter)); () when this process cannot share the pool; None when
+    it cannot tell yet (Numba has not started its threads)."""
+    if not enabled():
+        return ()
+    code = _compiled()
+    if not code:
+        return code
+    setters = _setters()
+    if not setters:
+        return ()
+    engine, addresses = code
     counter = ctypes.c_int64.from_address(engine.get_global_value_address("minibert_blas_calls"))
-    return engine.get_function_address("minibert_blas_callback"), setters, (engine, counter)
+    return addresses["minibert_blas_callback"], setters, (engine, counter)
+
+
+_TEAM_JOB = ctypes.CFUNCTYPE(None, ctypes.c_int)
+_TEAM_RUN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)
+
+
+def on_team(n: int, fn) -> bool:
+    """Run ``fn(i)`` once on each thread i of an OpenMP team of ``n`` threads started by the
+    calling thread (i = 0 is the calling thread): the threads Numba's parallel kernels run on when
+    this thread calls them with ``n`` threads (libgomp gives a thread's teams the same pool
+    threads, in order). For setting the threads up (:mod:`minibert.affinity`), not for work: ``fn``
+    is Python, each call takes the GIL. False, and nothing run, when Numba's pool is not libgomp's
+    (or not started yet). An exception in ``fn`` is printed by ctypes, not raised: record it."""
+    code = _compiled()
+    if not code:
+        return False
+    job = _TEAM_JOB(fn)
+    _TEAM_RUN(code[1]["minibert_team_run"])(ctypes.cast(job, ctypes.c_void_p), int(n))
+    return True
 
 
 def _after_fork_in_child():
@@ -199,24 +255,28 @@ def calls() -> int:
 @contextlib.contextmanager
 def shared():
     """Within the block, OpenBLAS's threaded calls run on Numba's OpenMP threads (see the module
-    docstring); outside it OpenBLAS uses its own pool. Nests, and is safe from several threads."""
+    docstring), and those threads keep CPUs of their own (:mod:`minibert.affinity`); outside it
+    OpenBLAS uses its own pool and the calling thread its own CPUs. Nests, and is safe from
+    several threads (only the outermost block changes anything)."""
     global _depth
-    if not available():  # also before the first parallel kernel ran: then next time
-        yield
-        return
-    address, setters, _ = _state
+    from . import affinity
+
+    state = _state if available() else None  # not available before the first parallel kernel ran: then next time
     with _lock:
         _depth += 1
-        if _depth == 1:
-            for s in setters:
-                s(address)
+        outer = _depth == 1
+        if outer and state:
+            for s in state[1]:
+                s(state[0])
+    saved = affinity.enter() if outer else None
     try:
         yield
     finally:
+        affinity.leave(saved)
         with _lock:
             _depth -= 1
-            if _depth == 0:
-                for s in setters:
+            if _depth == 0 and _state:
+                for s in _state[1]:
                     s(None)
 
 

@@ -106,21 +106,25 @@ def test_model_benchmark_shape_subsets():
 
 
 def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
-    """Shared pool against OpenBLAS's own, and a --spin variant, each timed back to back and after a
-    pause; the JSON says per setting whether the shared pool was really in use."""
+    """Shared pool (pinned and not) against OpenBLAS's own, and a --spin variant, each timed back to
+    back and after each pause; the JSON says per setting whether the shared pool and the pinning
+    were really in use."""
     out = tmp_path / "p.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--model", "minilm", "--shapes", "1x16,2x64",
-                        "--spin", "5000", "--repeats", "2", "--rounds", "1", "--gap", "0.01", "--output", str(out)],
+                        "--spin", "5000", "--repeats", "2", "--rounds", "1", "--gap", "0.01,0.02", "--output", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     got = {(row["shape"], row["setting"]): row for row in data["results"]}
-    settings = {"shared", "own pools", "shared, GOMP_SPINCOUNT=5000"}
+    settings = {"shared", "shared, unpinned", "own pools", "shared, GOMP_SPINCOUNT=5000"}
     assert set(got) == {(s, k) for s in ("(1, 16)", "(2, 64)") for k in settings}
+    assert data["gaps_s"] == [0.01, 0.02]
     for (shape, setting), row in got.items():
-        assert row["back_to_back_ms"] > 0 and row["after_pause_ms"] > 0 and row["samples"] == 2
+        assert row["back_to_back_ms"] > 0 and row["samples"] == 2
+        assert set(row["after_pause_ms"]) == {"0.01", "0.02"} and min(row["after_pause_ms"].values()) > 0
         assert row["shared_pool"] is (setting != "own pools") or not got[(shape, "shared")]["shared_pool"]
-    assert "after pause" in r.stdout
+        assert row["pinned"] is (setting != "shared, unpinned") or not got[(shape, "shared")]["pinned"]
+    assert "after 0.01 s" in r.stdout
 
 
 def test_pool_wake_probe_times_the_first_region_after_each_pause(tmp_path):
@@ -130,13 +134,16 @@ def test_pool_wake_probe_times_the_first_region_after_each_pause(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [row["pause_s"] for row in rows] == sorted(row["pause_s"] for row in rows) and len(rows) >= 5
-    assert all(row["first_region_us"] > 0 and row["second_region_us"] > 0 for row in rows)
+    for key in ("first_region_us", "second_region_us", "pinned_first_region_us", "pinned_second_region_us"):
+        assert all(row[key] > 0 for row in rows), key
 
 
 def test_pool_benchmark_rejects_bad_shapes_and_spins():
     for args, msg in ((["--shapes", "0x16"], "--shapes '0x16': expected positive"),
                       (["--shapes", "1x"], "--shapes '1x': expected positive"),
-                      (["--spin", "fast"], "--spin 'fast': expected comma-separated non-negative integers")):
+                      (["--spin", "fast"], "--spin 'fast': expected comma-separated non-negative integers"),
+                      (["--gap", "0"], "--gap '0': expected comma-separated pauses in seconds"),
+                      (["--gap", "0.3,soon"], "--gap '0.3,soon': expected comma-separated pauses")):
         r = subprocess.run([sys.executable, "-m", "benchmarks.pool", *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]

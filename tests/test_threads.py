@@ -256,3 +256,161 @@ def test_numba_is_asked_for_its_openmp_layer_first(env, order, expected):
                        env={**base, **env}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == expected
+
+
+# --- CPUs of their own for the pass's threads (minibert.affinity) ---
+
+def _pinning_or_skip(model, ids):
+    import os
+
+    import numba
+
+    from minibert import affinity
+
+    if not affinity.enabled():
+        pytest.skip("thread pinning is off here (not Linux, MINIBERT_PIN_THREADS=0 or OpenMP binding set)")
+    minibert.set_num_threads(None)
+    n = numba.get_num_threads()
+    if n < 2 or len(os.sched_getaffinity(0)) < n:
+        pytest.skip("fewer than 2 threads, or fewer CPUs than threads")
+    model(ids)  # the first pass starts Numba's pool if nothing had
+    if numba.threading_layer() != "omp":
+        pytest.skip("Numba's threading layer is not GNU OpenMP")
+    return n
+
+
+def _team_cpus(n):  # {thread i of the calling thread's team of n: its allowed CPUs}
+    import os
+
+    from minibert import blaspool
+
+    got = {}
+    assert blaspool.on_team(n, lambda i: got.__setitem__(i, frozenset(os.sched_getaffinity(0))))
+    return got
+
+
+def test_forward_pass_threads_keep_cpus_of_their_own(restore_threads, tiny_dir):
+    import os
+    import threading
+
+    from minibert import affinity, blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(0).integers(0, 99, size=(2, 9))
+    n = _pinning_or_skip(model, ids)
+    before = frozenset(os.sched_getaffinity(0))
+    model(ids)
+    assert frozenset(os.sched_getaffinity(0)) == before, "the calling thread did not get its CPUs back"
+    allowed, mine = affinity.pinned()[(threading.get_ident(), n)]
+    assert allowed == before and mine, f"team not pinned: {affinity.pinned()}"
+    with blaspool.shared():  # what a pass runs under
+        inside = frozenset(os.sched_getaffinity(0))
+        team = _team_cpus(n)
+    workers = [team[i] for i in range(1, n)]
+    assert all(len(w) == 1 for w in workers) and len(set(workers)) == n - 1, f"workers' CPUs {workers}"
+    taken = frozenset().union(*workers)
+    assert inside == mine == team[0] and not inside & taken and inside | taken <= before, \
+        f"caller during the pass {sorted(inside)}, workers {sorted(taken)}, allowed {sorted(before)}"
+    assert frozenset(os.sched_getaffinity(0)) == before
+
+
+def test_thread_pinning_can_be_switched_off(restore_threads, tiny_dir, monkeypatch):
+    import os
+
+    from minibert import affinity, blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(1).integers(0, 99, size=(2, 9))
+    _pinning_or_skip(model, ids)
+    pinned = model(ids).last_hidden_state
+    before = frozenset(os.sched_getaffinity(0))
+    for var, value in [("MINIBERT_PIN_THREADS", "0"), ("OMP_PROC_BIND", "true")]:
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            assert not affinity.enabled()
+            with blaspool.shared():
+                assert frozenset(os.sched_getaffinity(0)) == before, f"{var}={value}: the caller was pinned"
+            assert np.array_equal(model(ids).last_hidden_state, pinned)  # where threads run changes no value
+
+
+def test_a_caller_with_fewer_cpus_than_threads_is_left_alone(restore_threads, tiny_dir):
+    import os
+
+    from minibert import blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(2).integers(0, 99, size=(2, 9))
+    _pinning_or_skip(model, ids)
+    before = frozenset(os.sched_getaffinity(0))
+    one = {min(before)}
+    os.sched_setaffinity(0, one)
+    try:
+        with blaspool.shared():
+            assert os.sched_getaffinity(0) == one
+        model(ids)
+        assert os.sched_getaffinity(0) == one
+    finally:
+        os.sched_setaffinity(0, before)
+    with blaspool.shared():  # and pinned again once the thread has its CPUs back
+        assert frozenset(os.sched_getaffinity(0)) < before
+
+
+def test_passes_from_several_threads_give_every_thread_its_cpus_back(restore_threads, tiny_dir):
+    import os
+    import threading
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(3).integers(0, 99, size=(2, 9))
+    _pinning_or_skip(model, ids)
+    ref = model(ids).last_hidden_state
+    bad = []
+
+    def work():
+        mine = os.sched_getaffinity(0)
+        for _ in range(10):
+            if not np.array_equal(model(ids).last_hidden_state, ref):
+                bad.append("values")
+        if os.sched_getaffinity(0) != mine:
+            bad.append(f"CPUs {os.sched_getaffinity(0)} after, {mine} before")
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not bad, bad
+
+
+def test_a_child_forked_during_a_pass_gets_its_cpus_back(restore_threads, tiny_dir):
+    import os
+
+    from minibert import blaspool
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(4).integers(0, 99, size=(2, 9))
+    _pinning_or_skip(model, ids)
+    before = os.sched_getaffinity(0)
+    with blaspool.shared():
+        assert os.sched_getaffinity(0) < before
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if os.sched_getaffinity(0) == before else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, "the forked child kept the pass's narrowed CPUs"
+
+
+def test_pinning_plan_gives_workers_cores_of_their_own(monkeypatch):
+    from minibert import affinity
+
+    # 4 cores with 2 hardware threads each: CPU c and c + 4 share a core
+    monkeypatch.setattr(affinity, "_siblings", lambda c: [c % 4, c % 4 + 4])
+    assert affinity.order(range(8)) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert affinity.order([7, 1, 5, 0]) == [0, 1, 5, 7]
+    assert affinity.plan(range(8), 4) == ([1, 2, 3], frozenset({0, 4}))  # not on a worker's core
+    assert affinity.plan(range(8), 8) == ([1, 2, 3, 4, 5, 6, 7], frozenset({0}))
+    assert affinity.plan({0, 1}, 2) == ([1], frozenset({0}))
+    assert affinity.plan({0, 4}, 2) == ([4], frozenset({0}))  # one core: off the worker's CPU at least
+    assert affinity.plan({3}, 2) is None and affinity.plan(range(8), 1) is None

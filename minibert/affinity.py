@@ -1,0 +1,185 @@
+"""CPUs of their own for a forward pass's threads: each of Numba's OpenMP workers pinned to one CPU,
+and the thread that runs the pass kept off those CPUs until the pass ends.
+
+Why: on this kind of virtual machine, a worker woken after it had fallen asleep (any pause longer
+than its ~2.5 ms of spinning, ``GOMP_SPINCOUNT``) was often queued on the CPU of the thread that
+woke it, not on the idle one; that thread then busy-waits at the end of the parallel region for
+the worker that is queued behind it, until the scheduler ends its time slice. A two-thread
+region doing nothing, after a pause of 3 ms / 10 ms / 0.3 s: 0.86 / 4.6 / 6.0 ms (medians of 15,
+one process), and 0.09 / 0.13 / 0.16 ms with the worker and the caller on CPUs of their own.
+MiniLM at (1, 16), two threads, medians of 31 passes of processes run interleaved: after a 0.3 s
+pause 9.50 -> 5.66 ms, after a 5 ms pause 13.09 -> 4.65 ms, back to back 3.94 -> 4.07 ms (noise).
+ONNX Runtime does the same when it picks its thread count itself.
+
+How: the first pass a thread runs with n threads runs a job on each thread of its OpenMP team
+(:func:`minibert.blaspool.on_team`, the threads Numba's kernels and the pass's BLAS jobs run on);
+worker i (i = 1 … n - 1) pins itself to the i-th CPU of the thread's allowed CPUs, ordered one per
+physical core first (so workers get cores of their own before SMT siblings). For each outermost
+pass (:func:`enter` / :func:`leave`, called by ``minibert.blaspool.shared``), the calling
+thread's allowed CPUs become the rest (less the workers' siblings when that leaves any) and are
+put back afterwards: its threads, and yours, are unchanged outside a pass. Cost: three system
+calls a pass (~5 µs); the pinning once per thread and thread count (~3 ms).
+
+Scope: Linux, Numba's OpenMP layer (GNU libgomp), 2 or more threads, no more threads than allowed
+CPUs. Off with ``MINIBERT_PIN_THREADS=0``, and when the user binds OpenMP threads
+(``OMP_PROC_BIND``, ``OMP_PLACES``, ``GOMP_CPU_AFFINITY``). The trade-off of pinning: a worker can
+no longer move off a CPU that another busy program also uses; turn it off if that is your case.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+from .switches import switch
+
+USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+
+_lock = threading.Lock()
+# (thread ident, threads) -> (the thread's allowed CPUs when its team was planned, the CPUs it runs
+# a pass on, or None when that team cannot be pinned)
+_teams: Dict[Tuple[int, int], Tuple[FrozenSet[int], Optional[FrozenSet[int]]]] = {}
+_held: Dict[int, FrozenSet[int]] = {}  # thread ident -> its CPUs before the pass it is running
+
+
+def enabled() -> bool:
+    """``MINIBERT_PIN_THREADS`` (default on), on Linux, unless the user binds OpenMP's threads."""
+    return (switch("MINIBERT_PIN_THREADS") and sys.platform.startswith("linux")
+            and hasattr(os, "sched_setaffinity") and not any(os.environ.get(v) for v in USER_BINDING))
+
+
+def _siblings(cpu: int) -> List[int]:
+    """The logical CPUs of ``cpu``'s physical core (from sysfs; just ``cpu`` if unreadable)."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+            text = f.read().strip()
+    except OSError:
+        return [cpu]
+    found = []
+    for part in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if m:
+            lo = int(m.group(1))
+            found.extend(range(lo, int(m.group(2) or lo) + 1))
+    return sorted(found) or [cpu]
+
+
+def order(cpus) -> List[int]:
+    """``cpus`` one per physical core first (each core's first sibling, by CPU number), then the
+    second siblings, and so on."""
+    rank = {c: (_siblings(c) + [c]).index(c) for c in cpus}
+    return sorted(cpus, key=lambda c: (rank[c], c))
+
+
+def plan(allowed, n: int) -> Optional[Tuple[List[int], FrozenSet[int]]]:
+    """(CPU of worker 1 … n - 1, CPUs of the calling thread during a pass) for a team of ``n``
+    threads on ``allowed`` CPUs; None when there are fewer CPUs than threads."""
+    cpus = order(allowed)
+    if n < 2 or len(cpus) < n:
+        return None
+    workers = cpus[1:n]
+    rest = set(allowed) - set(workers)
+    spare = rest - {s for w in workers for s in _siblings(w)}
+    return workers, frozenset(spare or rest)
+
+
+def _pin_workers(n: int, workers: List[int]) -> bool:
+    """Pin thread i of the calling thread's team of ``n`` to ``workers[i - 1]``; True if every
+    worker ran its job and was pinned."""
+    from . import blaspool
+
+    done, failed = set(), []
+
+    def job(i):
+        try:
+            if i > 0:
+                os.sched_setaffinity(0, {workers[i - 1]})  # 0: the thread running this, worker i
+            done.add(i)
+        except Exception as e:  # noqa: BLE001  (ctypes would only print it)
+            failed.append(e)
+
+    return blaspool.on_team(n, job) and not failed and done == set(range(n))
+
+
+def _team(allowed: FrozenSet[int], n: int):
+    """(allowed, the calling thread's CPUs during a pass, or None if the team cannot be pinned),
+    with the workers pinned; None when Numba's pool has not started yet (ask again next pass)."""
+    import numba
+
+    p = plan(allowed, n)
+    if p is None:
+        return allowed, None
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return None
+    if layer != "omp" or not _pin_workers(n, p[0]):
+        return allowed, None
+    return allowed, p[1]
+
+
+def enter() -> Optional[FrozenSet[int]]:
+    """At the start of an outermost forward pass: pin the calling thread's workers (once) and keep
+    the calling thread off their CPUs. Returns the allowed CPUs to give back to :func:`leave`, or
+    None when nothing was changed."""
+    if not enabled():
+        return None
+    import numba
+
+    n = numba.get_num_threads()
+    if n < 2:
+        return None
+    try:
+        allowed = frozenset(os.sched_getaffinity(0))
+        key = (threading.get_ident(), n)
+        with _lock:
+            team = _teams.get(key)
+            if team is None or team[0] != allowed:  # new, or the thread's CPUs changed since
+                team = _team(allowed, n)
+                if team is not None:
+                    _teams[key] = team
+        if team is None or team[1] is None:
+            return None
+        os.sched_setaffinity(0, team[1])
+        _held[key[0]] = allowed
+        return allowed
+    except OSError:  # a CPU gone offline, a sandbox that forbids it: run unpinned
+        return None
+
+
+def leave(saved: Optional[FrozenSet[int]]) -> None:
+    """At the end of the pass :func:`enter` began: give the calling thread its CPUs back."""
+    if saved is not None:
+        _held.pop(threading.get_ident(), None)
+        try:
+            os.sched_setaffinity(0, saved)
+        except OSError:
+            pass
+
+
+def _after_fork_in_child():
+    """A child forked during a pass: its one thread gets its CPUs back, and its OpenMP pool (new
+    threads) is pinned again when it runs a pass."""
+    global _lock
+    _lock = threading.Lock()
+    saved = _held.pop(threading.get_ident(), None)
+    _held.clear()
+    _teams.clear()
+    if saved is not None:
+        try:
+            os.sched_setaffinity(0, saved)
+        except OSError:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def pinned() -> Dict[Tuple[int, int], Tuple[FrozenSet[int], Optional[FrozenSet[int]]]]:
+    """(thread ident, threads) -> (its allowed CPUs, the CPUs it runs a pass on, or None when its
+    team could not be pinned), for each team planned so far."""
+    with _lock:
+        return dict(_teams)
