@@ -42,12 +42,17 @@ _lock = threading.Lock()
 # a pass on, or None when that team cannot be pinned)
 _teams: Dict[Tuple[int, int], Tuple[FrozenSet[int], Optional[FrozenSet[int]]]] = {}
 _held: Dict[int, FrozenSet[int]] = {}  # thread ident -> its CPUs before the pass it is running
+_enabled: Optional[bool] = None
 
 
 def enabled() -> bool:
-    """``MINIBERT_PIN_THREADS`` (default on), on Linux, unless the user binds OpenMP's threads."""
-    return (switch("MINIBERT_PIN_THREADS") and sys.platform.startswith("linux")
-            and hasattr(os, "sched_setaffinity") and not any(os.environ.get(v) for v in USER_BINDING))
+    """``MINIBERT_PIN_THREADS`` (default on), on Linux, unless the user binds OpenMP's threads.
+    Read once per process, at its first forward pass (as libgomp reads its variables once)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = (switch("MINIBERT_PIN_THREADS") and sys.platform.startswith("linux")
+                    and hasattr(os, "sched_setaffinity") and not any(os.environ.get(v) for v in USER_BINDING))
+    return _enabled
 
 
 def _siblings(cpu: int) -> List[int]:
