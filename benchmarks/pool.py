@@ -11,12 +11,13 @@ Settings: "shared" (the default: one pool, its idle workers spin for GOMP_SPINCO
 pinned), "shared, unpinned" (``MINIBERT_PIN_THREADS=0``), "own pools"
 (``MINIBERT_BLAS_ON_NUMBA_POOL=0``: OpenBLAS's threads for the GEMMs, Numba's workers sleep at
 once) and, per ``--spin`` value, "shared" with that GOMP_SPINCOUNT. The variables are read once
-per process, so every (setting, model, shape) runs in a process of its own; ``--rounds`` repeats
-the whole sweep, settings alternating, so a noisy stretch of the host hits all of them. In each
-process: 5 warm-up passes, then ``--repeats`` times, for each pause in ``--gap``: a pass right
-after the previous one ("back to back") and a pass after that many seconds of sleep ("after a
-pause": 5 ms is a caller doing a little work between calls, 0.3 s a request arriving at an idle
-server). Prints medians per setting and writes JSON.
+per process, so every setting runs in a process of its own; for each (model, shape) they are all
+started, warmed up (5 passes) and then timed *interleaved*: ``--repeats`` times, every setting in
+a rotating order does a pass right after one of its own ("back to back"), then, for each pause in
+``--gap``, a pass that many seconds after one of its own ("after a pause": 5 ms is a caller doing
+a little work between calls, 0.3 s a request arriving at an idle server), while the other
+processes wait idle. ``--rounds`` repeats all of it with new processes. Prints medians per setting
+and writes JSON.
 
 ``--wake`` instead measures what a pause costs by itself: the wall time of the first (and second)
 trivial two-thread parallel region after sleeping 5 ms ... 1 s, in this process, first with the
@@ -39,13 +40,12 @@ from .common import machine, write_json
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import json, statistics, sys, time
+import json, sys, time
 import numpy as np
 import minibert
 from minibert import affinity, blaspool
 from benchmarks.model import model_dir
-name, B, T, threads, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-gaps = [float(g) for g in sys.argv[6].split(",")]
+name, B, T, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 minibert.set_num_threads(threads)
 m = minibert.BertModel.from_pretrained(str(model_dir(name)))
 ids = np.random.default_rng(0).integers(1000, 2000, (B, T))
@@ -56,15 +56,14 @@ def run():
     return time.perf_counter() - t
 for _ in range(5):
     run()
-b2b, paused = [], {str(g): [] for g in gaps}
-for _ in range(repeats):
-    for g in gaps:
-        b2b.append(run())
-        time.sleep(g)
-        paused[str(g)].append(run())
-print(json.dumps(dict(back_to_back_s=b2b, after_pause_s=paused, shared_pool=blaspool.available(),
-                      blas_calls_on_numba_pool=blaspool.calls(), pinned=bool(affinity.pinned()) and
-                      all(t[1] is not None for t in affinity.pinned().values()))))
+print(json.dumps(dict(shared_pool=blaspool.available(), pinned=bool(affinity.pinned()) and
+                      all(t[1] is not None for t in affinity.pinned().values()))), flush=True)
+for line in sys.stdin:  # "b2b": a pass right after another; "after G": a pass G seconds after another
+    cmd = line.split()
+    run()
+    if cmd[0] == "after":
+        time.sleep(float(cmd[1]))
+    print(run(), flush=True)
 """
 
 
@@ -121,16 +120,33 @@ def settings(spins):
     return out
 
 
-def run_child(env_extra, name, B, T, threads, repeats, gaps):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL", "MINIBERT_PIN_THREADS")}
-    env.update(env_extra)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    r = subprocess.run([sys.executable, "-c", CHILD, name, str(B), str(T), str(threads), str(repeats), ",".join(map(str, gaps))],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
-    if r.returncode != 0:
-        raise SystemExit(f"{name} ({B}, {T}) {env_extra}: the child failed\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+class Child:
+    """A process running one setting's model, timing passes on request (see CHILD)."""
+
+    def __init__(self, env_extra, name, B, T, threads):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL", "MINIBERT_PIN_THREADS")}
+        env.update(env_extra)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.what = f"{name} ({B}, {T}) {env_extra}"
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, name, str(B), str(T), str(threads)], env=env, cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.status = json.loads(self._line())
+
+    def _line(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.what}: the child failed\n{self.proc.stderr.read()[-3000:]}")
+        return line
+
+    def time(self, gap=None):  # seconds of one pass, right after another (gap None) or gap seconds after
+        self.proc.stdin.write("b2b\n" if gap is None else f"after {gap}\n")
+        self.proc.stdin.flush()
+        return float(self._line())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def parse_shapes(text):
@@ -193,15 +209,21 @@ def main(argv=None):
     for rnd in range(a.rounds):
         for name in models:
             for B, T in shapes:
-                order = list(conf) if rnd % 2 == 0 else list(conf)[::-1]
-                for s in order:
-                    got = run_child(conf[s], name, B, T, a.threads, a.repeats, gaps)
-                    cell = samples.setdefault((name, f"({B}, {T})", s),
-                                              {"back_to_back_s": [], "after_pause_s": {str(g): [] for g in gaps}})
-                    cell["back_to_back_s"] += got["back_to_back_s"]
-                    for g, ts in got["after_pause_s"].items():
-                        cell["after_pause_s"][g] += ts
-                    cell["shared_pool"], cell["pinned"] = got["shared_pool"], got["pinned"]
+                children = {s: Child(conf[s], name, B, T, a.threads) for s in conf}  # loaded one after another
+                cells = {s: samples.setdefault((name, f"({B}, {T})", s),
+                                               {"back_to_back_s": [], "after_pause_s": {str(g): [] for g in gaps}})
+                         for s in conf}
+                for i in range(a.repeats):  # interleaved: each repeat times every setting, in a rotating order
+                    order = list(conf)[i % len(conf):] + list(conf)[:i % len(conf)]
+                    for s in order:
+                        cells[s]["back_to_back_s"].append(children[s].time())
+                    for g in gaps:
+                        for s in order:
+                            cells[s]["after_pause_s"][str(g)].append(children[s].time(g))
+                for s, c in children.items():
+                    cells[s]["shared_pool"], cells[s]["pinned"] = c.status["shared_pool"], c.status["pinned"]
+                    c.close()
+                    got = cells[s]
                     print(f"round {rnd + 1}: {name} ({B}, {T}) {s}: back to back "
                           f"{1e3 * statistics.median(got['back_to_back_s']):.2f} ms, after a pause of "
                           + ", ".join(f"{g} s {1e3 * statistics.median(ts):.2f} ms" for g, ts in got["after_pause_s"].items()),
@@ -211,7 +233,7 @@ def main(argv=None):
         rows.append(dict(model=name, shape=shape, setting=s, shared_pool=cell["shared_pool"], pinned=cell["pinned"],
                          back_to_back_ms=1e3 * statistics.median(cell["back_to_back_s"]),
                          after_pause_ms={g: 1e3 * statistics.median(ts) for g, ts in cell["after_pause_s"].items()},
-                         samples=len(cell["back_to_back_s"]) // len(gaps)))
+                         samples=len(cell["back_to_back_s"])))
     print(f"median ms per forward pass, {a.threads} threads, {a.rounds} rounds x {a.repeats} repeats")
     print(f"{'model':8s} {'shape':10s} {'setting':34s} {'back to back':>13s} "
           + " ".join(f"{'after ' + str(g) + ' s':>12s}" for g in gaps))
