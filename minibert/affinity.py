@@ -7,9 +7,11 @@ woke it, not on the idle one; that thread then busy-waits at the end of the para
 the worker that is queued behind it, until the scheduler ends its time slice. A two-thread
 region doing nothing, after a pause of 3 ms / 10 ms / 0.3 s: 0.86 / 4.6 / 6.0 ms (medians of 15,
 one process), and 0.09 / 0.13 / 0.16 ms with the worker and the caller on CPUs of their own.
-MiniLM at (1, 16), two threads, medians of 31 passes of processes run interleaved: after a 0.3 s
-pause 9.50 -> 5.66 ms, after a 5 ms pause 13.09 -> 4.65 ms, back to back 3.94 -> 4.07 ms (noise).
-ONNX Runtime does the same when it picks its thread count itself.
+MiniLM at (1, 16), two threads, this code against the commit before it, medians of 31 passes
+of two processes run interleaved (ad hoc): after a 0.3 s pause 6.83 -> 5.65 ms, after a 5 ms
+pause 12.20 -> 4.40 ms, back to back 3.87 / 4.01 ms (noise). How often a pass meets the slow wake
+depends on what ran before it; ``python -m benchmarks.pool`` and ``--wake`` measure both settings.
+ONNX Runtime pins its pool's threads too when it picks their number itself.
 
 How: the first pass a thread runs with n threads runs a job on each thread of its OpenMP team
 (:func:`minibert.blaspool.on_team`, the threads Numba's kernels and the pass's BLAS jobs run on);
@@ -17,8 +19,9 @@ worker i (i = 1 … n - 1) pins itself to the i-th CPU of the thread's allowed C
 physical core first (so workers get cores of their own before SMT siblings). For each outermost
 pass (:func:`enter` / :func:`leave`, called by ``minibert.blaspool.shared``), the calling
 thread's allowed CPUs become the rest (less the workers' siblings when that leaves any) and are
-put back afterwards: its threads, and yours, are unchanged outside a pass. Cost: three system
-calls a pass (~5 µs); the pinning once per thread and thread count (~3 ms).
+put back afterwards: its threads, and yours, are unchanged outside a pass. Only the outermost
+block in the process does this: a pass that another thread runs at the same time runs unpinned.
+Cost: ~9 µs a pass (three system calls); the pinning once per thread and thread count (~3 ms).
 
 Scope: Linux, Numba's OpenMP layer (GNU libgomp), 2 or more threads, no more threads than allowed
 CPUs. Off with ``MINIBERT_PIN_THREADS=0``, and when the user binds OpenMP threads
@@ -37,12 +40,18 @@ from .switches import switch
 
 USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
 
-_lock = threading.Lock()
-# (thread ident, threads) -> (the thread's allowed CPUs when its team was planned, the CPUs it runs
-# a pass on, or None when that team cannot be pinned)
-_teams: Dict[Tuple[int, int], Tuple[FrozenSet[int], Optional[FrozenSet[int]]]] = {}
-_held: Dict[int, FrozenSet[int]] = {}  # thread ident -> its CPUs before the pass it is running
+# per thread (a thread's OpenMP team is its own, and dies with it): ``teams``, threads -> (the
+# thread's allowed CPUs when that team was planned, the CPUs it runs a pass on, or None when the
+# team cannot be pinned); ``held``, its CPUs before the pass it is running
+_local = threading.local()
 _enabled: Optional[bool] = None
+
+
+def _teams() -> Dict[int, Tuple[FrozenSet[int], Optional[FrozenSet[int]]]]:
+    teams = getattr(_local, "teams", None)
+    if teams is None:
+        teams = _local.teams = {}
+    return teams
 
 
 def enabled() -> bool:
@@ -138,17 +147,16 @@ def enter() -> Optional[FrozenSet[int]]:
         return None
     try:
         allowed = frozenset(os.sched_getaffinity(0))
-        key = (threading.get_ident(), n)
-        with _lock:
-            team = _teams.get(key)
-            if team is None or team[0] != allowed:  # new, or the thread's CPUs changed since
-                team = _team(allowed, n)
-                if team is not None:
-                    _teams[key] = team
+        teams = _teams()
+        team = teams.get(n)
+        if team is None or team[0] != allowed:  # new, or the thread's CPUs changed since
+            team = _team(allowed, n)
+            if team is not None:
+                teams[n] = team
         if team is None or team[1] is None:
             return None
         os.sched_setaffinity(0, team[1])
-        _held[key[0]] = allowed
+        _local.held = allowed
         return allowed
     except OSError:  # a CPU gone offline, a sandbox that forbids it: run unpinned
         return None
@@ -157,7 +165,7 @@ def enter() -> Optional[FrozenSet[int]]:
 def leave(saved: Optional[FrozenSet[int]]) -> None:
     """At the end of the pass :func:`enter` began: give the calling thread its CPUs back."""
     if saved is not None:
-        _held.pop(threading.get_ident(), None)
+        _local.held = None
         try:
             os.sched_setaffinity(0, saved)
         except OSError:
@@ -167,11 +175,8 @@ def leave(saved: Optional[FrozenSet[int]]) -> None:
 def _after_fork_in_child():
     """A child forked during a pass: its one thread gets its CPUs back, and its OpenMP pool (new
     threads) is pinned again when it runs a pass."""
-    global _lock
-    _lock = threading.Lock()
-    saved = _held.pop(threading.get_ident(), None)
-    _held.clear()
-    _teams.clear()
+    saved = getattr(_local, "held", None)
+    _local.held, _local.teams = None, {}
     if saved is not None:
         try:
             os.sched_setaffinity(0, saved)
@@ -183,8 +188,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def pinned() -> Dict[Tuple[int, int], Tuple[FrozenSet[int], Optional[FrozenSet[int]]]]:
-    """(thread ident, threads) -> (its allowed CPUs, the CPUs it runs a pass on, or None when its
-    team could not be pinned), for each team planned so far."""
-    with _lock:
-        return dict(_teams)
+def pinned() -> Dict[int, Tuple[FrozenSet[int], Optional[FrozenSet[int]]]]:
+    """The calling thread's teams planned so far: threads -> (its allowed CPUs then, the CPUs it
+    runs a pass on, or None when that team could not be pinned)."""
+    return dict(_teams())

@@ -291,7 +291,6 @@ def _team_cpus(n):  # {thread i of the calling thread's team of n: its allowed C
 
 def test_forward_pass_threads_keep_cpus_of_their_own(restore_threads, tiny_dir):
     import os
-    import threading
 
     from minibert import affinity, blaspool
 
@@ -301,7 +300,7 @@ def test_forward_pass_threads_keep_cpus_of_their_own(restore_threads, tiny_dir):
     before = frozenset(os.sched_getaffinity(0))
     model(ids)
     assert frozenset(os.sched_getaffinity(0)) == before, "the calling thread did not get its CPUs back"
-    allowed, mine = affinity.pinned()[(threading.get_ident(), n)]
+    allowed, mine = affinity.pinned()[n]
     assert allowed == before and mine, f"team not pinned: {affinity.pinned()}"
     with blaspool.shared():  # what a pass runs under
         inside = frozenset(os.sched_getaffinity(0))
@@ -403,6 +402,39 @@ def test_passes_from_several_threads_give_every_thread_its_cpus_back(restore_thr
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads) and not bad, bad
+
+
+def test_another_thread_pins_its_own_team(restore_threads, tiny_dir):
+    """An OpenMP team belongs to the thread that starts it: a new thread's passes pin its own
+    workers (the state is per thread, so a new thread reusing a dead one's ident starts afresh)."""
+    import os
+    import threading
+
+    from minibert import affinity, blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(5).integers(0, 99, size=(2, 9))
+    n = _pinning_or_skip(model, ids)
+    got = []
+
+    def work():
+        minibert.set_num_threads(n)  # Numba's thread count is per thread
+        before = frozenset(os.sched_getaffinity(0))
+        model(ids)
+        model(ids)
+        with blaspool.shared():
+            team = _team_cpus(n)
+        got.append((affinity.pinned().get(n), before, team))
+
+    for _ in range(2):  # the second thread may get the first one's ident
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(timeout=120)
+    assert len(got) == 2
+    for plan, before, team in got:
+        assert plan is not None and plan[0] == before and plan[1], plan
+        workers = [team[i] for i in range(1, n)]
+        assert all(len(w) == 1 for w in workers) and team[0] == plan[1] and not team[0] & frozenset().union(*workers)
 
 
 def test_a_child_forked_during_a_pass_gets_its_cpus_back(restore_threads, tiny_dir):
