@@ -99,22 +99,30 @@ def plan(allowed, n: int) -> Optional[Tuple[List[int], FrozenSet[int]]]:
     return workers, frozenset(spare or rest)
 
 
-def _pin_workers(n: int, workers: List[int]) -> bool:
+def _pin_workers(n: int, workers: List[int], allowed: FrozenSet[int]) -> bool:
     """Pin thread i of the calling thread's team of ``n`` to ``workers[i - 1]``; True if every
-    worker ran its job and was pinned."""
+    worker ran its job and was pinned. If one was not, every worker gets ``allowed`` back: a team
+    is pinned whole or not at all."""
     from . import blaspool
 
     done, failed = set(), []
 
-    def job(i):
-        try:
-            if i > 0:
-                os.sched_setaffinity(0, {workers[i - 1]})  # 0: the thread running this, worker i
-            done.add(i)
-        except Exception as e:  # noqa: BLE001  (ctypes would only print it)
-            failed.append(e)
+    def pin(cpus):
+        def job(i):
+            try:
+                if i > 0:
+                    os.sched_setaffinity(0, cpus(i))  # 0: the thread running this, worker i
+                done.add(i)
+            except Exception as e:  # noqa: BLE001  (ctypes would only print it)
+                failed.append(e)
+        return job
 
-    return blaspool.on_team(n, job) and not failed and done == set(range(n))
+    if not blaspool.on_team(n, pin(lambda i: {workers[i - 1]})):
+        return False
+    if not failed and done == set(range(n)):
+        return True
+    blaspool.on_team(n, pin(lambda i: allowed))
+    return False
 
 
 def _team(allowed: FrozenSet[int], n: int):
@@ -129,7 +137,7 @@ def _team(allowed: FrozenSet[int], n: int):
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
         return None
-    if layer != "omp" or not _pin_workers(n, p[0]):
+    if layer != "omp" or not _pin_workers(n, p[0], allowed):
         return allowed, None
     return allowed, p[1]
 

@@ -442,6 +442,50 @@ def test_another_thread_pins_its_own_team(restore_threads, tiny_dir):
         assert all(len(w) == 1 for w in workers) and team[0] == plan[1] and not team[0] & frozenset().union(*workers)
 
 
+def test_a_team_that_cannot_be_pinned_whole_runs_unpinned(restore_threads, tiny_dir, monkeypatch):
+    """A worker whose pinning fails (a sandbox, a CPU gone offline): no worker stays pinned, the
+    caller is not narrowed, and the pass runs. In a new thread, so its team is its own."""
+    import os
+    import threading
+
+    from minibert import affinity, blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(6).integers(0, 99, size=(2, 9))
+    n = _pinning_or_skip(model, ids)
+    ref = model(ids).last_hidden_state
+    real = os.sched_setaffinity
+    first = []
+
+    def flaky(pid, cpus):  # the first single-CPU pin takes effect but reports a failure
+        real(pid, cpus)
+        if len(cpus) == 1 and not first:
+            first.append(cpus)
+            raise OSError(22, "Invalid argument")
+
+    got = []
+
+    def work():
+        minibert.set_num_threads(n)
+        before = frozenset(os.sched_getaffinity(0))
+        with monkeypatch.context() as m:  # this thread's first pass plans its team
+            m.setattr(os, "sched_setaffinity", flaky)
+            out = model(ids).last_hidden_state
+        with blaspool.shared():
+            inside = frozenset(os.sched_getaffinity(0))
+            team = _team_cpus(n)
+        got.append((before, inside, team, affinity.pinned().get(n), out))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(timeout=120)
+    before, inside, team, plan, out = got[0]
+    assert first, "no pin was attempted"
+    assert plan == (before, None) and inside == before, (plan, inside)
+    assert all(cpus == before for cpus in team.values()), f"a worker stayed pinned: {team}"
+    assert np.array_equal(out, ref)
+
+
 def test_a_child_forked_during_a_pass_gets_its_cpus_back(restore_threads, tiny_dir):
     import os
 
