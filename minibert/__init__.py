@@ -27,6 +27,10 @@ from .threads import prefer_openmp_layer as _prefer_omp  # noqa: E402
 _prefer_omp()  # the one pool needs Numba's OpenMP layer, which it would not pick with tbb installed
 _omp_waiting()
 
+from .affinity import enabled as _pinning  # noqa: E402
+
+_pinning()  # MINIBERT_PIN_THREADS read now, so a mistyped value fails at import, not in a forward pass
+
 from .bert import BertModel
 from .config import BertConfig
 from .heads import (

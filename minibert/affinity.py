@@ -56,7 +56,7 @@ def _teams() -> Dict[int, Tuple[FrozenSet[int], Optional[FrozenSet[int]]]]:
 
 def enabled() -> bool:
     """``MINIBERT_PIN_THREADS`` (default on), on Linux, unless the user binds OpenMP's threads.
-    Read once per process, at its first forward pass (as libgomp reads its variables once)."""
+    Read once per process, when minibert is imported (as libgomp reads its variables once)."""
     global _enabled
     if _enabled is None:
         _enabled = (switch("MINIBERT_PIN_THREADS") and sys.platform.startswith("linux")

@@ -268,8 +268,9 @@ def shared():
         if outer and state:
             for s in state[1]:
                 s(state[0])
-    saved = affinity.enter() if outer else None
+    saved = None
     try:
+        saved = affinity.enter() if outer else None
         yield
     finally:
         affinity.leave(saved)

@@ -354,6 +354,35 @@ def test_thread_pinning_can_be_switched_off(restore_threads, tiny_dir, tmp_path)
             f"{env}: where threads run changed values, max abs diff {np.abs(free - pinned).max()}"
 
 
+def test_a_mistyped_pinning_switch_fails_at_import():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MINIBERT_PIN_THREADS": "maybe"}
+    r = subprocess.run([sys.executable, "-c", "import minibert"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "MINIBERT_PIN_THREADS='maybe'; expected 1 or 0" in r.stderr, r.stderr[-2000:]
+
+
+def test_an_error_entering_a_pass_leaves_the_pool_as_it_was(restore_threads, tiny_dir, monkeypatch):
+    from minibert import affinity, blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(7).integers(0, 99, size=(2, 9))
+    model(ids)
+
+    def broken():
+        raise RuntimeError("broken enter")
+
+    monkeypatch.setattr(affinity, "enter", broken)
+    with pytest.raises(RuntimeError, match="broken enter"):
+        model(ids)
+    assert blaspool._depth == 0
+    monkeypatch.undo()
+    model(ids)
+    assert blaspool._depth == 0
+
+
 def affinity_vars():
     from minibert import affinity
 
