@@ -8,7 +8,8 @@ them; back to back and after idle pauses.
     python -m benchmarks.pool --wake
 
 Settings: "shared" (the default: one pool, its idle workers spin for GOMP_SPINCOUNT iterations,
-pinned), "shared, unpinned" (``MINIBERT_PIN_THREADS=0``), "own pools"
+pinned, woken at the start of each pass: ``minibert.blaspool.wake``), "shared, no early wake"
+(``MINIBERT_WAKE_EARLY=0``), "shared, unpinned" (``MINIBERT_PIN_THREADS=0``), "own pools"
 (``MINIBERT_BLAS_ON_NUMBA_POOL=0``: OpenBLAS's threads for the GEMMs, Numba's workers sleep at
 once) and, per ``--spin`` value, "shared" with that GOMP_SPINCOUNT. The variables are read once
 per process, so every setting runs in a process of its own; for each (model, shape) they are all
@@ -57,7 +58,8 @@ def run():
 for _ in range(5):
     run()
 print(json.dumps(dict(shared_pool=blaspool.available(), pinned=bool(affinity.pinned()) and
-                      all(t[1] is not None for t in affinity.pinned().values()))), flush=True)
+                      all(t[1] is not None for t in affinity.pinned().values()),
+                      woken_early=blaspool.wake_arrivals() > 0)), flush=True)
 for line in sys.stdin:  # "b2b": a pass right after another; "after G": a pass G seconds after another
     cmd = line.split()
     run()
@@ -113,8 +115,8 @@ def wake_probe(threads, pauses=(0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0), repeats
 
 
 def settings(spins):
-    out = {"shared": {}, "shared, unpinned": {"MINIBERT_PIN_THREADS": "0"},
-           "own pools": {"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}}
+    out = {"shared": {}, "shared, no early wake": {"MINIBERT_WAKE_EARLY": "0"},
+           "shared, unpinned": {"MINIBERT_PIN_THREADS": "0"}, "own pools": {"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}}
     for s in spins:
         out[f"shared, GOMP_SPINCOUNT={s}"] = {"GOMP_SPINCOUNT": str(s)}
     return out
@@ -125,7 +127,8 @@ class Child:
 
     def __init__(self, env_extra, name, B, T, threads):
         env = {k: v for k, v in os.environ.items()
-               if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL", "MINIBERT_PIN_THREADS")}
+               if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL", "MINIBERT_PIN_THREADS",
+                            "MINIBERT_WAKE_EARLY")}
         env.update(env_extra)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.what = f"{name} ({B}, {T}) {env_extra}"
@@ -221,7 +224,7 @@ def main(argv=None):
                         for s in order:
                             cells[s]["after_pause_s"][str(g)].append(children[s].time(g))
                 for s, c in children.items():
-                    cells[s]["shared_pool"], cells[s]["pinned"] = c.status["shared_pool"], c.status["pinned"]
+                    cells[s].update({k: c.status[k] for k in ("shared_pool", "pinned", "woken_early")})
                     c.close()
                     got = cells[s]
                     print(f"round {rnd + 1}: {name} ({B}, {T}) {s}: back to back "
@@ -231,6 +234,7 @@ def main(argv=None):
     rows = []
     for (name, shape, s), cell in samples.items():
         rows.append(dict(model=name, shape=shape, setting=s, shared_pool=cell["shared_pool"], pinned=cell["pinned"],
+                         woken_early=cell["woken_early"],
                          back_to_back_ms=1e3 * statistics.median(cell["back_to_back_s"]),
                          after_pause_ms={g: 1e3 * statistics.median(ts) for g, ts in cell["after_pause_s"].items()},
                          samples=len(cell["back_to_back_s"])))

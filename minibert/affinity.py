@@ -164,7 +164,7 @@ def enter() -> Optional[FrozenSet[int]]:
         if team is None or team[1] is None:
             return None
         os.sched_setaffinity(0, team[1])
-        _local.held = allowed
+        _local.held, _local.size = allowed, n
         return allowed
     except OSError:  # a CPU gone offline, a sandbox that forbids it: run unpinned
         return None
@@ -173,18 +173,24 @@ def enter() -> Optional[FrozenSet[int]]:
 def leave(saved: Optional[FrozenSet[int]]) -> None:
     """At the end of the pass :func:`enter` began: give the calling thread its CPUs back."""
     if saved is not None:
-        _local.held = None
+        _local.held = _local.size = None
         try:
             os.sched_setaffinity(0, saved)
         except OSError:
             pass
 
 
+def team_size() -> int:
+    """The number of threads of the pass the calling thread is running pinned (between
+    :func:`enter` and :func:`leave`), or 0 when it is not running one."""
+    return getattr(_local, "size", None) or 0
+
+
 def _after_fork_in_child():
     """A child forked during a pass: its one thread gets its CPUs back, and its OpenMP pool (new
     threads) is pinned again when it runs a pass."""
     saved = getattr(_local, "held", None)
-    _local.held, _local.teams = None, {}
+    _local.held, _local.size, _local.teams = None, None, {}
     if saved is not None:
         try:
             os.sched_setaffinity(0, saved)

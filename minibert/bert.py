@@ -149,16 +149,19 @@ class BertModel(Module):
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
         ``skip_padding`` None: the model's ``skip_padding``."""
         c = self.config
-        tap = self._taps(capture)
-        ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
         with blaspool.shared():  # the GEMMs' BLAS jobs on the kernels' threads: one pool, see blaspool
+            # the workers wake while the inputs are checked and embedded (blaspool.wake): nothing
+            # parallel may run before F.bert calls ready
+            blaspool.wake()
+            tap = self._taps(capture)
+            ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
             return F.bert(
-            self._params, ids, mask, tt, pos,
+                self._params, ids, mask, tt, pos,
                 n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
                 output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
                 output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
                 tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
-                plans=self._plans,
+                plans=self._plans, ready=blaspool.ready,
             )
 
     def tap_names(self) -> List[str]:

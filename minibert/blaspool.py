@@ -18,6 +18,10 @@ layer uses (``GOMP_parallel``); thread t runs jobs t, t + team size, ... A team 
 other's packed panels). The two functions are a few lines of LLVM IR compiled with llvmlite (a
 dependency of Numba) the first time they are needed: no C compiler, no extension module.
 
+Wake: :func:`wake` begins a do-nothing region of the pass's team and returns at once, so the
+workers come up while the caller checks and embeds the inputs; :func:`ready` ends it before the
+first kernel (BertModel.run, for pinned passes; see the function).
+
 Scope: :func:`shared` installs the callback for the duration of a block and puts OpenBLAS's own
 pool back after it, so BLAS calls elsewhere in the program are untouched. Every module's call
 (models, task models, heads, layers: ``minibert.modules.Module``) runs inside it. Nothing is installed when Numba's threading layer is not OpenMP (GNU libgomp), when
@@ -33,6 +37,7 @@ import os
 import sys
 import threading
 
+from . import affinity as _affinity
 from .switches import switch
 
 _lock = threading.Lock()
@@ -112,6 +117,32 @@ entry:
 }}
 """
 
+# the wake (see :func:`wake`): a region whose threads only count themselves, begun with
+# GOMP_parallel_start (the workers are released and the call returns at once) and ended with
+# GOMP_parallel_end (waits for them); both are libgomp's original entry points, still exported
+_WAKE_IR = """
+@minibert_wake_arrivals = global i64 0
+
+define void @minibert_wake_worker(ptr %data) {{
+entry:
+  %c = atomicrmw add ptr @minibert_wake_arrivals, i64 1 monotonic
+  ret void
+}}
+
+define void @minibert_wake_begin(i32 %n) {{
+entry:
+  call void inttoptr (i64 {gomp_parallel_start} to ptr)(ptr @minibert_wake_worker, ptr null, i32 %n)
+  ret void
+}}
+
+define void @minibert_wake_end() {{
+entry:
+  call void @minibert_wake_worker(ptr null)
+  call void inttoptr (i64 {gomp_parallel_end} to ptr)()
+  ret void
+}}
+"""
+
 
 def enabled() -> bool:
     """False when switched off (``MINIBERT_BLAS_ON_NUMBA_POOL=0``) or on a platform the callback is
@@ -171,12 +202,19 @@ def _compile():
 
     ir = _IR.format(thread_num=_address(gomp.omp_get_thread_num), num_threads=_address(gomp.omp_get_num_threads),
                     gomp_parallel=_address(gomp.GOMP_parallel))
+    names = ["minibert_blas_callback", "minibert_team_run"]
+    try:
+        start, end = gomp.GOMP_parallel_start, gomp.GOMP_parallel_end
+    except AttributeError:  # not in this libgomp: no wake, the rest works without it
+        pass
+    else:
+        ir += _WAKE_IR.format(gomp_parallel_start=_address(start), gomp_parallel_end=_address(end))
+        names += ["minibert_wake_begin", "minibert_wake_end"]
     module = llvm.parse_assembly(ir)
     module.verify()
     machine = llvm.Target.from_default_triple().create_target_machine(opt=2)
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()
-    names = ("minibert_blas_callback", "minibert_team_run")
     return engine, {n: engine.get_function_address(n) for n in names}
 
 
@@ -223,10 +261,69 @@ def on_team(n: int, fn) -> bool:
     return True
 
 
+_WAKE_BEGIN = ctypes.CFUNCTYPE(None, ctypes.c_int)
+_WAKE_END = ctypes.CFUNCTYPE(None)
+_waking = threading.local()  # .end: the function that ends this thread's open wake region, or None
+_wake_fns = None  # None: not built yet; (begin, end) ctypes functions, or () when libgomp lacks them
+# read once, at import (a mistyped value fails there): MINIBERT_WAKE_EARLY=0 turns the wake off
+_WAKE_EARLY = switch("MINIBERT_WAKE_EARLY")
+
+
+def wake() -> bool:
+    """Wake the calling thread's workers now, and return at once: begins a parallel region of the
+    pass's team whose threads do nothing but count themselves, and leaves it open while the
+    caller goes on with the pass's Python set-up (checking inputs, gathering embeddings);
+    :func:`ready` ends it before the first kernel. Why: after a pause the workers sleep, and
+    waking one takes ~0.3 ms on this kind of virtual machine (``python -m benchmarks.pool
+    --wake``), which the first kernel of a pass otherwise waits out; woken here, they come up
+    while that Python runs. Only for the thread whose pass is pinned (:func:`minibert.affinity.
+    team_size`: outermost block, 2+ threads, libgomp), since a woken worker on the caller's CPU
+    would wait for it anyway. Until :func:`ready`, a Numba parallel kernel or threaded BLAS call
+    of this thread runs nested, on one thread (the same values, slower): call nothing parallel
+    in between. Off with ``MINIBERT_WAKE_EARLY=0``. True if a region was begun."""
+    global _wake_fns
+    n = _affinity.team_size()
+    if n < 2 or not _WAKE_EARLY or getattr(_waking, "end", None) is not None:
+        return False
+    if _wake_fns is None:
+        code = _compiled()
+        if not code:
+            return False  # (a pinned pass has run a parallel kernel: no None here, but be safe)
+        addresses = code[1]
+        _wake_fns = (_WAKE_BEGIN(addresses["minibert_wake_begin"]), _WAKE_END(addresses["minibert_wake_end"])) \
+            if "minibert_wake_begin" in addresses else ()
+    if not _wake_fns:
+        return False
+    _wake_fns[0](n)
+    _waking.end = _wake_fns[1]
+    return True
+
+
+def ready() -> None:
+    """End the calling thread's wake region (:func:`wake`), waiting for its workers; nothing if
+    none is open. The outermost :func:`shared` block ends one left open."""
+    end = getattr(_waking, "end", None)
+    if end is not None:
+        _waking.end = None
+        end()
+
+
+def wake_arrivals() -> int:
+    """How many times a thread has arrived in a wake region in this process (each region counts
+    its team size): for tests."""
+    code = _code
+    if not code:
+        return 0
+    engine = code[0]
+    return int(ctypes.c_int64.from_address(engine.get_global_value_address("minibert_wake_arrivals")).value) \
+        if "minibert_wake_begin" in code[1] else 0
+
+
 def _after_fork_in_child():
     """A child forked while a forward pass ran in another thread would inherit the callback, and
     OpenMP's pool does not survive a fork: give OpenBLAS its own pool back in the child."""
     global _depth, _lock
+    _waking.end = None  # (the forking thread's; its region, if any, is the parent's)
     _lock = threading.Lock()  # the parent's may have been held by the thread that is gone
     if _depth and _state:
         for s in _state[1]:
@@ -273,6 +370,8 @@ def shared():
         saved = affinity.enter() if outer else None
         yield
     finally:
+        if outer:
+            ready()  # a wake region left open (an error before the first kernel)
         affinity.leave(saved)
         with _lock:
             _depth -= 1

@@ -106,9 +106,9 @@ def test_model_benchmark_shape_subsets():
 
 
 def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
-    """Shared pool (pinned and not) against OpenBLAS's own, and a --spin variant, each timed back to
-    back and after each pause; the JSON says per setting whether the shared pool and the pinning
-    were really in use."""
+    """Shared pool (pinned and not, woken early and not) against OpenBLAS's own, and a --spin
+    variant, each timed back to back and after each pause; the JSON says per setting whether the
+    shared pool, the pinning and the early wake were really in use."""
     out = tmp_path / "p.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--model", "minilm", "--shapes", "1x16,2x64",
                         "--spin", "5000", "--repeats", "2", "--rounds", "1", "--gap", "0.01,0.02", "--output", str(out)],
@@ -116,7 +116,7 @@ def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     got = {(row["shape"], row["setting"]): row for row in data["results"]}
-    settings = {"shared", "shared, unpinned", "own pools", "shared, GOMP_SPINCOUNT=5000"}
+    settings = {"shared", "shared, no early wake", "shared, unpinned", "own pools", "shared, GOMP_SPINCOUNT=5000"}
     assert set(got) == {(s, k) for s in ("(1, 16)", "(2, 64)") for k in settings}
     assert data["gaps_s"] == [0.01, 0.02]
     for (shape, setting), row in got.items():
@@ -124,6 +124,8 @@ def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
         assert set(row["after_pause_ms"]) == {"0.01", "0.02"} and min(row["after_pause_ms"].values()) > 0
         assert row["shared_pool"] is (setting != "own pools") or not got[(shape, "shared")]["shared_pool"]
         assert row["pinned"] is (setting != "shared, unpinned") or not got[(shape, "shared")]["pinned"]
+        assert row["woken_early"] is (setting not in ("shared, unpinned", "shared, no early wake")) \
+            or not got[(shape, "shared")]["woken_early"]
     assert "after 0.01 s" in r.stdout
 
 

@@ -325,7 +325,7 @@ m(ids)
 before = os.sched_getaffinity(0)
 with blaspool.shared():
     inside = os.sched_getaffinity(0)
-print(affinity.enabled(), inside == before, bool(affinity.pinned()))
+print(affinity.enabled(), inside == before, bool(affinity.pinned()), blaspool.wake_arrivals() > 0)
 np.save(sys.argv[2], m(ids).last_hidden_state)
 """
 
@@ -335,7 +335,8 @@ def _pin_probe(tiny_dir, out, env):
     import subprocess
     import sys
 
-    base = {k: v for k, v in os.environ.items() if k != "MINIBERT_PIN_THREADS" and k not in affinity_vars()}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MINIBERT_PIN_THREADS", "MINIBERT_WAKE_EARLY") and k not in affinity_vars()}
     r = subprocess.run([sys.executable, "-c", _PIN_PROBE, str(tiny_dir), str(out)], capture_output=True, text=True,
                        env={**base, **env}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -346,22 +347,82 @@ def test_thread_pinning_can_be_switched_off(restore_threads, tiny_dir, tmp_path)
     model = minibert.BertModel.from_pretrained(tiny_dir)
     _pinning_or_skip(model, np.zeros((1, 4), dtype=np.int64))
     said, pinned = _pin_probe(tiny_dir, tmp_path / "on.npy", {})
-    assert said == ["True", "False", "True"], said  # enabled, the caller's CPUs narrowed in a pass, a team planned
+    # enabled, the caller's CPUs narrowed in a pass, a team planned, its workers woken early
+    assert said == ["True", "False", "True", "True"], said
     for env in ({"MINIBERT_PIN_THREADS": "0"}, {"OMP_PROC_BIND": "true"}):
         said, free = _pin_probe(tiny_dir, tmp_path / "off.npy", env)
-        assert said == ["False", "True", "False"], (env, said)
+        assert said == ["False", "True", "False", "False"], (env, said)
         assert np.array_equal(free, pinned), \
             f"{env}: where threads run changed values, max abs diff {np.abs(free - pinned).max()}"
+    said, late = _pin_probe(tiny_dir, tmp_path / "late.npy", {"MINIBERT_WAKE_EARLY": "0"})
+    assert said == ["True", "False", "True", "False"], said  # pinned, not woken early
+    assert np.array_equal(late, pinned), f"max abs diff {np.abs(late - pinned).max()}"
 
 
-def test_a_mistyped_pinning_switch_fails_at_import():
+def _in_parallel():  # whether the calling thread is inside an OpenMP parallel region of Numba's libgomp
+    import ctypes
+
+    from numba.np.ufunc import omppool
+
+    return bool(ctypes.CDLL(omppool.__file__).omp_in_parallel())
+
+
+def test_workers_are_woken_early_and_arrive_before_the_first_kernel(restore_threads, tiny_dir):
+    from minibert import blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(0).integers(0, 99, size=(2, 9))
+    n = _pinning_or_skip(model, ids)
+    expected = model(ids).last_hidden_state
+    seen = []
+    k = model._k
+
+    def watched(name, fn):
+        def call(*args, **kwargs):
+            seen.append((name, _in_parallel()))
+            return fn(*args, **kwargs)
+        return call
+
+    model._k = {name: watched(name, fn) if callable(fn) else fn for name, fn in k.items()}
+    try:
+        for mask in (None, np.array([[1] * 9, [1] * 4 + [0] * 5])):  # dense, and packed
+            before = blaspool.wake_arrivals()
+            got = model(ids, attention_mask=mask).last_hidden_state
+            assert blaspool.wake_arrivals() - before == n, "the pass's workers were not woken at its start"
+            if mask is None:
+                assert np.array_equal(got, expected), f"max abs diff {np.abs(got - expected).max()}"
+    finally:
+        model._k = k
+    assert seen and seen[0][0] == "layernorm", seen[:3]  # the embeddings' LayerNorm is the first kernel
+    inside = [name for name, flag in seen if flag]
+    assert not inside, f"kernels run while the wake region was open (they run on one thread there): {inside}"
+    assert not _in_parallel()
+
+
+def test_an_error_before_the_first_kernel_ends_the_wake(restore_threads, tiny_dir):
+    from minibert import blaspool
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    ids = np.random.default_rng(0).integers(0, 99, size=(2, 9))
+    n = _pinning_or_skip(model, ids)
+    before = blaspool.wake_arrivals()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(np.full((1, 4), 10 ** 6))  # out of the vocabulary: fails checking the inputs, inside the wake
+    assert blaspool.wake_arrivals() - before == n and not _in_parallel(), "the wake region was left open"
+    before = blaspool.wake_arrivals()
+    model(ids)
+    assert blaspool.wake_arrivals() - before == n  # and the next pass wakes them again
+
+
+@pytest.mark.parametrize("name", ["MINIBERT_PIN_THREADS", "MINIBERT_WAKE_EARLY"])
+def test_a_mistyped_pinning_switch_fails_at_import(name):
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "MINIBERT_PIN_THREADS": "maybe"}
+    env = {**os.environ, name: "maybe"}
     r = subprocess.run([sys.executable, "-c", "import minibert"], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "MINIBERT_PIN_THREADS='maybe'; expected 1 or 0" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and f"{name}='maybe'; expected 1 or 0" in r.stderr, r.stderr[-2000:]
 
 
 def test_an_error_entering_a_pass_leaves_the_pool_as_it_was(restore_threads, tiny_dir, monkeypatch):
