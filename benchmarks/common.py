@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -68,19 +66,6 @@ def machine() -> dict:
         "libraries": versions("minibert", "numpy", "numba", "llvmlite", "torch", "transformers"),
         "threads": threads(),
     }
-
-
-def timeit(fn, *, min_repeats=3, max_repeats=50, budget_s=1.0) -> dict:
-    """Call ``fn`` once to warm up, then repeatedly until ``budget_s`` or ``max_repeats``.
-    Returns best and median seconds (the median is the figure to quote on a shared machine)."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"best_s": min(times), "median_s": statistics.median(times), "repeats": len(times)}
 
 
 def write_json(path, payload):

@@ -9,14 +9,17 @@ the tests' tolerance is reported as FAILED and not timed.
 Each case is the call the model makes (activations and LayerNorm get the dense layer's bias to
 fuse). When torch is installed, a "torch" row times the matching torch CPU op on the same shape
 and threads (in a process of its own), given what it gets inside transformers: there the bias is already in the GEMM's
-output (addmm), so torch's activation/LayerNorm input is pre-biased outside the timer. malloc is
+output (addmm), so torch's activation/LayerNorm input is pre-biased outside the timer. The
+versions of a case and its torch op are timed taking turns (5 slices of up to 0.2 s or 10 calls
+each, in a rotating order), so a change in the machine's load reaches all of them alike. malloc is
 set up as a model sets it (minibert/alloc.py): each output reuses the block the last one freed, as
 torch's caching allocator does, instead of arriving as fresh pages the kernel must zero.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.util
+import statistics
 import sys
 import time
 
@@ -25,7 +28,7 @@ import numpy as np
 from minibert import blaspool
 from minibert.kernels import OPS
 
-from .common import machine, timeit, write_json
+from .common import machine, write_json
 
 MODELS = {"base": dict(H=768, nH=12, I=3072), "minilm": dict(H=384, nH=12, I=1536)}
 TOL = {"float32": 2e-5, "float64": 1e-12}  # the same as tests/conftest.py's kernel tolerances
@@ -119,43 +122,58 @@ def torch_op(op, args):
     return None
 
 
-def run(models, B, T, dtype, which="minibert"):
-    """Validate, then time: every registered version (``which="minibert"``) or the torch ops."""
-    rng = np.random.default_rng(0)  # the same arrays in both processes
-    rows = []
-    for model in models:
-        for op, shape, args, nbytes, flops in cases(MODELS[model], B, T, dtype, rng):
-            ref_out = OPS[op]["numpy"](*args)
-            if which == "torch":
-                tfn = torch_op(op, args)
-                if tfn is None:
-                    continue
-                versions = {"torch": lambda *_, tfn=tfn: tfn().numpy()}
-            else:
-                versions = dict(OPS[op])
-            for version, fn in versions.items():
-                out = fn(*args)
-                diff = float(np.max(np.abs(out.astype(np.float64) - ref_out))) if out.size else 0.0
-                row = dict(model=model, op=op, version=version, shape=shape, maxdiff=diff)
-                if not (out.shape == ref_out.shape and diff <= TOL[dtype]):
-                    row["status"] = "FAILED"
-                    print(f"{op}/{version} {shape}: FAILED validation, maxdiff {diff:.3e}", file=sys.stderr)
-                else:
-                    # as the model runs them: BLAS jobs (blas_v2's products, the reference GEMM) on
-                    # Numba's threads, so a spinning Numba worker never fights an OpenBLAS thread
-                    with contextlib.nullcontext() if version == "torch" else blaspool.shared():
-                        t = timeit(lambda: fn(*args))
-                    row.update(status="ok", ms=t["median_s"] * 1e3, best_ms=t["best_s"] * 1e3, repeats=t["repeats"],
-                               gb_s=nbytes / t["median_s"] / 1e9,
-                               gflop_s=flops / t["median_s"] / 1e9 if flops else None)
-                rows.append(row)
-                print(f"  {model:6s} {op:15s} {version:8s} done", file=sys.stderr)
-    return rows
+ROUNDS = 5  # each version is timed in this many slices, the versions (and torch) taking turns
+SLICE_S, SLICE_MAX = 0.2, 10  # a slice: calls until 0.2 s or 10 calls (at least one)
 
 
-def _torch_rows(models, B, T, dtype, threads, env):
-    """The torch rows, in a process of its own: torch's OpenMP pool and Numba's slow each other
-    down several-fold in one process (seen in benchmarks.model), which would make torch look slow."""
+def time_slice(fn) -> list:
+    """Seconds of each call of ``fn`` in one slice (see SLICE_S)."""
+    times = []
+    start = time.perf_counter()
+    while not times or (len(times) < SLICE_MAX and time.perf_counter() - start < SLICE_S):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def check(out, ref_out, dtype):
+    """(max abs difference from the reference, whether it passes)."""
+    diff = float(np.max(np.abs(out.astype(np.float64) - ref_out))) if out.size else 0.0
+    return diff, out.shape == ref_out.shape and diff <= TOL[dtype]
+
+
+class TorchOps:
+    """The torch ops in a process of its own (torch's OpenMP pool and Numba's slow each other down
+    several-fold in one process, seen in benchmarks.model), kept for the whole run, so that each
+    case can time torch in turn with minibert's versions. It makes the same arrays (same seed, same
+    order) and answers "check" (the maxdiff of torch's op, or None if it has none) and "time" (one
+    slice of calls)."""
+
+    def __init__(self, models, B, T, dtype, threads):
+        import multiprocessing as mp
+
+        from . import ORIGINAL_ENV
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_torch_serve, args=(child, models, B, T, dtype, threads, ORIGINAL_ENV),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the torch process did not start")
+
+    def ask(self, *msg):
+        self.conn.send(msg)
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send(("close",))
+        self.proc.join(60)
+
+
+def _torch_serve(conn, models, B, T, dtype, threads, env):
     import os
 
     os.environ.clear()
@@ -163,43 +181,86 @@ def _torch_rows(models, B, T, dtype, threads, env):
     import torch
 
     torch.set_num_threads(threads or torch.get_num_threads())
-    return run(models, B, T, dtype, which="torch")
+    rng = np.random.default_rng(0)  # as in run(): the same arrays
+    found = {(model, op, shape): (op, args) for model in models
+             for op, shape, args, _, _ in cases(MODELS[model], B, T, dtype, rng)}
+    fns = {}
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "close":
+            return
+        key = msg[1]
+        if msg[0] == "check":
+            op, args = found[key]
+            fn = torch_op(op, args)
+            if fn is None:
+                conn.send(None)
+                continue
+            fns[key] = fn
+            conn.send(check(fn().numpy(), OPS[op]["numpy"](*args), dtype))
+        else:  # "time"
+            conn.send(time_slice(fns[key]))
 
 
-def torch_rows(models, B, T, dtype, threads):
-    import importlib.util
-    import multiprocessing as mp
+def run(models, B, T, dtype, torch=None):
+    """Validate every registered version (and torch's op, with a TorchOps), then time them taking
+    turns: ROUNDS slices each, in a rotating order, so a change in the machine's load in the
+    middle of a case reaches all of them alike."""
+    rng = np.random.default_rng(0)  # the same arrays in the torch process
+    rows = []
+    for model in models:
+        for op, shape, args, nbytes, flops in cases(MODELS[model], B, T, dtype, rng):
+            ref_out = OPS[op]["numpy"](*args)
+            timed = {}  # version -> (row, time one slice)
+            for version, fn in OPS[op].items():
+                diff, ok = check(fn(*args), ref_out, dtype)
+                rows.append(dict(model=model, op=op, version=version, shape=shape, maxdiff=diff))
+                if ok:
+                    timed[version] = (rows[-1], lambda fn=fn: time_slice(lambda: fn(*args)))
+            answer = torch.ask("check", (model, op, shape)) if torch is not None else None
+            if answer is not None:
+                rows.append(dict(model=model, op=op, version="torch", shape=shape, maxdiff=answer[0]))
+                if answer[1]:
+                    timed["torch"] = (rows[-1], lambda key=(model, op, shape): torch.ask("time", key))
+            for row in rows:
+                if row["model"] == model and row["op"] == op and row["shape"] == shape and row["version"] not in timed:
+                    row["status"] = "FAILED"
+                    print(f"{op}/{row['version']} {shape}: FAILED validation, maxdiff {row['maxdiff']:.3e}",
+                          file=sys.stderr)
+            order = list(timed)
+            samples = {v: [] for v in order}
+            # as the model runs them: BLAS jobs (blas_v2's products, the reference GEMM) on Numba's
+            # threads, so a spinning Numba worker never fights an OpenBLAS thread (torch: its own process)
+            with blaspool.shared():
+                for v in order:  # warm-up: first calls (packing a weight, a cold cache) are not timed
+                    timed[v][1]()
+                for r in range(ROUNDS):
+                    for v in order[r % len(order):] + order[:r % len(order)]:
+                        samples[v] += timed[v][1]()
+            for v, (row, _) in timed.items():
+                t = samples[v]
+                med = statistics.median(t)
+                row.update(status="ok", ms=med * 1e3, best_ms=min(t) * 1e3, repeats=len(t), gb_s=nbytes / med / 1e9,
+                           gflop_s=flops / med / 1e9 if flops else None)
+            print(f"  {model:6s} {op:15s} {len(timed)} versions timed", file=sys.stderr)
+    return rows
 
-    if importlib.util.find_spec("torch") is None:
-        return []
 
-    from . import ORIGINAL_ENV
-
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_torch_rows, (models, B, T, dtype, threads, ORIGINAL_ENV))
-
-
-def merge(rows, torch):
-    """The torch row after each op's versions, and the ratios: x_reference (the NumPy reference's
-    time over each row's) and x_torch (the torch op's time over each row's; above 1 is faster)."""
+def ratios(rows):
+    """Each row's x_reference (the NumPy reference's time over the row's) and x_torch (the torch
+    op's time over the row's; above 1 is faster), within its case."""
     def case(r):
         return r["model"], r["op"], r["shape"]
 
-    by_case = {case(r): r for r in torch}
-    out = []
-    for i, r in enumerate(rows):
-        out.append(r)
-        last = i + 1 == len(rows) or case(rows[i + 1]) != case(r)
-        if last and case(r) in by_case:
-            out.append(by_case[case(r)])
-    ok = {case(r) + (r["version"],): r["ms"] for r in out if r["status"] == "ok"}
-    for r in out:
+    ok = {case(r) + (r["version"],): r["ms"] for r in rows if r["status"] == "ok"}
+    for r in rows:
         key = case(r)
         ref, t = ok.get(key + ("numpy",)), ok.get(key + ("torch",))
         good = r["status"] == "ok"
         r["x_reference"] = (ref / r["ms"]) if good and ref else None
         r["x_torch"] = (t / r["ms"]) if good and t else None
-    return out
+    return rows
 
 
 def print_table(rows):
@@ -237,8 +298,15 @@ def main(argv=None):
         from minibert import set_num_threads
 
         set_num_threads(a.threads)
-    rows = run(models, a.batch, a.seq, a.dtype)
-    rows = merge(rows, [] if a.no_torch else torch_rows(models, a.batch, a.seq, a.dtype, a.threads))
+    torch = None
+    if not a.no_torch and importlib.util.find_spec("torch") is not None:
+        torch = TorchOps(models, a.batch, a.seq, a.dtype, a.threads)
+    try:
+        rows = run(models, a.batch, a.seq, a.dtype, torch)
+    finally:
+        if torch is not None:
+            torch.close()
+    rows = ratios(rows)
     print_table(rows)
     path = write_json(a.output, dict(benchmark="kernels", started=started, batch=a.batch, seq=a.seq, dtype=a.dtype,
                                      machine=machine(), results=rows))

@@ -24,6 +24,8 @@ def test_kernel_benchmark_validates_times_and_writes_json(tmp_path):
     assert ran == {(op, v) for op in benchmarked_ops for v in [*OPS[op], "torch"]}
     assert all(row["x_torch"] > 0 for row in data["results"])
     assert all(row["status"] == "ok" and row["ms"] > 0 for row in data["results"])
+    # each version (torch's too) timed in turns: at least one call in each of the 5 slices
+    assert all(row["repeats"] >= 5 and row["best_ms"] <= row["ms"] for row in data["results"])
     for op in benchmarked_ops:
         assert op in r.stdout
 
