@@ -11,7 +11,8 @@ fuse). When torch is installed, a "torch" row times the matching torch CPU op on
 and threads (in a process of its own), given what it gets inside transformers: there the bias is already in the GEMM's
 output (addmm), so torch's activation/LayerNorm input is pre-biased outside the timer. The
 versions of a case and its torch op are timed taking turns (5 slices of up to 0.2 s or 10 calls
-each, in a rotating order), so a change in the machine's load reaches all of them alike. malloc is
+each, in a rotating order, 50 ms idle and one untimed call before each), so a change in the
+machine's load reaches all of them alike. malloc is
 set up as a model sets it (minibert/alloc.py): each output reuses the block the last one freed, as
 torch's caching allocator does, instead of arriving as fresh pages the kernel must zero.
 """
@@ -124,10 +125,15 @@ def torch_op(op, args):
 
 ROUNDS = 5  # each version is timed in this many slices, the versions (and torch) taking turns
 SLICE_S, SLICE_MAX = 0.2, 10  # a slice: calls until 0.2 s or 10 calls (at least one)
+# idle before each slice: the previous slice's threads (Numba's workers spin ~2.5 ms after a
+# kernel, torch's OpenMP threads a few ms) stop spinning before the next one is timed
+SLICE_GAP_S = 0.05
 
 
 def time_slice(fn) -> list:
-    """Seconds of each call of ``fn`` in one slice (see SLICE_S)."""
+    """Seconds of each call of ``fn`` in one slice (see SLICE_S), after one untimed call that
+    wakes the threads the gap before the slice let sleep."""
+    fn()
     times = []
     start = time.perf_counter()
     while not times or (len(times) < SLICE_MAX and time.perf_counter() - start < SLICE_S):
@@ -237,6 +243,7 @@ def run(models, B, T, dtype, torch=None):
                     timed[v][1]()
                 for r in range(ROUNDS):
                     for v in order[r % len(order):] + order[:r % len(order)]:
+                        time.sleep(SLICE_GAP_S)
                         samples[v] += timed[v][1]()
             for v, (row, _) in timed.items():
                 t = samples[v]
