@@ -6,7 +6,7 @@ Start-up: wall time and peak RSS of ``minibert encode "hello"`` on the default m
 all-MiniLM-L6-v2), from process start to exit, against the same job done with transformers
 (AutoTokenizer + AutoModel + one forward pass). "cold" runs with an empty Numba cache (a fresh
 NUMBA_CACHE_DIR: every kernel it needs is compiled); "warm" runs with the cache filled by the runs
-before it. Medians of ``--repeats`` runs.
+before it. Medians of ``--repeats`` runs, the three jobs taking turns.
 
 Memory: peak RSS of one process that loads bert-base (random weights, see benchmarks.model) and
 runs one (8, 512) forward pass, minibert against PyTorch + transformers; the baseline RSS of the
@@ -98,34 +98,33 @@ def run_measured(kind, target, *args, env=None):
 
 
 def startup(repeats, threads):
+    """The three start-up jobs, taking turns (each repeat runs every job once, in a rotating
+    order), so a change in the machine's load reaches them alike."""
+    import importlib.util
+
     from .model import minilm_dir
 
-    rows = []
     cli = ("module", "minibert", "encode", "--threads", str(threads), "hello")
+    have_torch = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
     with tempfile.TemporaryDirectory() as tmp:
-        cold = []
-        for i in range(repeats):  # each cold run gets an empty cache of its own
-            env = {**os.environ, "NUMBA_CACHE_DIR": os.path.join(tmp, f"cold{i}"), "HF_HUB_OFFLINE": "1"}
-            cold.append(run_measured(*cli, env=env))
-        env = {**os.environ, "NUMBA_CACHE_DIR": os.path.join(tmp, "warm"), "HF_HUB_OFFLINE": "1"}
-        run_measured(*cli, env=env)  # fills the cache
-        warm = [run_measured(*cli, env=env) for _ in range(repeats)]
-    torch_runs = []
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-
-        torch_runs = [run_measured("code", TORCH_ENCODE, str(minilm_dir()), str(threads),
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(repeats)]
-    except ImportError:
-        pass
-    for name, runs in (("minibert encode, cold JIT cache", cold), ("minibert encode, warm JIT cache", warm),
-                       ("transformers + torch, same job", torch_runs)):
-        if runs:
-            rows.append(dict(what=name, wall_s=statistics.median(r[0] for r in runs),
-                             peak_rss_mb=statistics.median(r[1] for r in runs), runs=len(runs),
-                             all_wall_s=[r[0] for r in runs]))
-    return rows
+        offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        warm_env = {**offline, "NUMBA_CACHE_DIR": os.path.join(tmp, "warm")}
+        run_measured(*cli, env=warm_env)  # fills the warm runs' cache
+        jobs = {  # name -> run i; each cold run gets an empty cache of its own
+            "minibert encode, cold JIT cache":
+                lambda i: run_measured(*cli, env={**offline, "NUMBA_CACHE_DIR": os.path.join(tmp, f"cold{i}")}),
+            "minibert encode, warm JIT cache": lambda i: run_measured(*cli, env=warm_env),
+        }
+        if have_torch:
+            jobs["transformers + torch, same job"] = lambda i: run_measured(
+                "code", TORCH_ENCODE, str(minilm_dir()), str(threads), env=offline)
+        runs = {name: [] for name in jobs}
+        names = list(jobs)
+        for i in range(repeats):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                runs[name].append(jobs[name](i))
+    return [dict(what=name, wall_s=statistics.median(r[0] for r in rs), peak_rss_mb=statistics.median(r[1] for r in rs),
+                 runs=len(rs), all_wall_s=[r[0] for r in rs]) for name, rs in runs.items()]
 
 
 def memory(threads, B=8, T=512):
