@@ -10,7 +10,7 @@ Each case is the call the model makes (activations and LayerNorm get the dense l
 fuse). When torch is installed, a "torch" row times the matching torch CPU op on the same shape
 and threads (in a process of its own), given what it gets inside transformers: there the bias is already in the GEMM's
 output (addmm), so torch's activation/LayerNorm input is pre-biased outside the timer. The
-versions of a case and its torch op are timed taking turns (5 slices of up to 0.2 s or 10 calls
+versions of a case and its torch op are timed taking turns (5 slices of up to 0.2 s or 50 calls
 each, in a rotating order, 50 ms idle and one untimed call before each), so a change in the
 machine's load reaches all of them alike. malloc is
 set up as a model sets it (minibert/alloc.py): each output reuses the block the last one freed, as
@@ -124,7 +124,7 @@ def torch_op(op, args):
 
 
 ROUNDS = 5  # each version is timed in this many slices, the versions (and torch) taking turns
-SLICE_S, SLICE_MAX = 0.2, 10  # a slice: calls until 0.2 s or 10 calls (at least one)
+SLICE_S, SLICE_MAX = 0.2, 50  # a slice: calls until 0.2 s or 50 calls (at least one)
 # idle before each slice: the previous slice's threads (Numba's workers spin ~2.5 ms after a
 # kernel, torch's OpenMP threads a few ms) stop spinning before the next one is timed
 SLICE_GAP_S = 0.05
