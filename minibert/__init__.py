@@ -28,8 +28,10 @@ _prefer_omp()  # the one pool needs Numba's OpenMP layer, which it would not pic
 _omp_waiting()
 
 from .affinity import enabled as _pinning  # noqa: E402
+from .affinity import keep_numba_thread_count as _keep_count  # noqa: E402
 
 _pinning()  # MINIBERT_PIN_THREADS read now, so a mistyped value fails at import, not in a forward pass
+_keep_count()  # so that Numba compiling during a pinned pass does not count the narrowed CPUs
 
 from .bert import BertModel
 from .config import BertConfig

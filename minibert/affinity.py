@@ -64,6 +64,25 @@ def enabled() -> bool:
     return _enabled
 
 
+def keep_numba_thread_count() -> Optional[str]:
+    """Put Numba's thread count in the environment (``NUMBA_NUM_THREADS``, the value Numba chose,
+    unless the user set it), when pinning is on; returns the value, or None when nothing was set.
+
+    Why: before it compiles a function, Numba reads its environment again if a ``NUMBA_*``
+    variable changed since it last did (minibert's own at import when numba was imported first,
+    or one the program sets), and without ``NUMBA_NUM_THREADS`` it counts the calling thread's
+    allowed CPUs. During a pinned pass those are narrowed, so the count differs from the pool's
+    and Numba raises "Cannot set NUMBA_NUM_THREADS to a different value once the threads have
+    been launched": a kernel whose first use (cold cache) came in a pinned pass failed to compile,
+    e.g. a float64 model's first pass after a float32 one with numba imported before minibert."""
+    if not enabled() or "NUMBA_NUM_THREADS" in os.environ:
+        return None
+    import numba
+
+    os.environ["NUMBA_NUM_THREADS"] = str(numba.config.NUMBA_NUM_THREADS)
+    return os.environ["NUMBA_NUM_THREADS"]
+
+
 def _siblings(cpu: int) -> List[int]:
     """The logical CPUs of ``cpu``'s physical core (from sysfs; just ``cpu`` if unreadable)."""
     try:

@@ -359,6 +359,47 @@ def test_thread_pinning_can_be_switched_off(restore_threads, tiny_dir, tmp_path)
     assert np.array_equal(late, pinned), f"max abs diff {np.abs(late - pinned).max()}"
 
 
+_COMPILE_IN_A_PASS = """
+import os, sys
+import numba  # before minibert, as a program that uses Numba itself may
+import numpy as np
+import minibert
+from minibert import affinity, blaspool
+m = minibert.BertModel.from_pretrained(sys.argv[1])
+ids = np.arange(18).reshape(2, 9)
+minibert.set_num_threads(2)
+m(ids)
+m(ids)
+# Numba reads its environment again at its next compile when a NUMBA_* variable changed (as
+# importing minibert after numba does; here a variable a program may set to quiet Numba)
+os.environ["NUMBA_DISABLE_PERFORMANCE_WARNINGS"] = "1"
+
+@numba.njit
+def first_use(a):  # compiled on its first call: inside the pass below
+    return a.sum()
+
+allowed = os.sched_getaffinity(0)
+with blaspool.shared():  # where a kernel's first use on a cold cache compiles it
+    narrowed = os.sched_getaffinity(0) < allowed
+    print(narrowed, first_use(np.ones(3)))
+"""
+
+
+def test_numba_can_compile_during_a_pinned_pass(restore_threads, tiny_dir):
+    import os
+    import subprocess
+    import sys
+
+    model = minibert.BertModel.from_pretrained(tiny_dir)
+    _pinning_or_skip(model, np.zeros((1, 4), dtype=np.int64))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_NUM_THREADS", "MINIBERT_PIN_THREADS") and k not in affinity_vars()}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_IN_A_PASS, str(tiny_dir)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["True", "3.0"], r.stdout  # the caller was narrowed, and the compile worked
+
+
 def _in_parallel():  # whether the calling thread is inside an OpenMP parallel region of Numba's libgomp
     import ctypes
 
