@@ -6,6 +6,7 @@ them; back to back and after idle pauses.
     python -m benchmarks.pool [--model base|minilm|all|PATH] [--shapes 1x16,1x128,8x128]
                               [--spin 40000,200000] [--repeats 15] [--rounds 2] [--gap 0.005,0.3] [--output FILE]
     python -m benchmarks.pool --wake
+    python -m benchmarks.pool --after [--spin 100000]
 
 Settings: "shared" (the default: one pool, its idle workers spin for GOMP_SPINCOUNT iterations,
 pinned, woken at the start of each pass: ``minibert.blaspool.wake``), "shared, no early wake"
@@ -19,6 +20,10 @@ a rotating order does a pass right after one of its own ("back to back"), then, 
 a little work between calls, 0.3 s a request arriving at an idle server), while the other
 processes wait idle. ``--rounds`` repeats all of it with new processes. Prints medians per setting
 and writes JSON.
+
+``--after`` instead measures what the workers' spinning costs the program after a pass: a NumPy
+product (OpenBLAS's own threads) right after a MiniLM (1, 16) pass against 50 ms after one, with
+minibert's GOMP_SPINCOUNT and each ``--spin`` value.
 
 ``--wake`` instead measures what a pause costs by itself: the wall time of the first (and second)
 trivial two-thread parallel region after sleeping 5 ms ... 1 s, in this process, first with the
@@ -114,6 +119,52 @@ def wake_probe(threads, pauses=(0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0), repeats
     return list(rows.values())
 
 
+AFTER = """
+import json, sys, time, statistics
+import numpy as np
+import minibert
+from benchmarks.model import model_dir
+threads, repeats = int(sys.argv[1]), int(sys.argv[2])
+minibert.set_num_threads(threads)
+m = minibert.BertModel.from_pretrained(str(model_dir("minilm")))
+ids = np.random.default_rng(0).integers(1000, 2000, (1, 16))
+a = np.random.default_rng(1).standard_normal((768, 768)).astype(np.float32)
+for _ in range(5):
+    m(ids)
+    a @ a
+right, later = [], []
+for _ in range(repeats):  # the product right after a pass, and 50 ms after one, in turn
+    m(ids)
+    t = time.perf_counter(); a @ a; right.append(time.perf_counter() - t)
+    m(ids)
+    time.sleep(0.05)
+    t = time.perf_counter(); a @ a; later.append(time.perf_counter() - t)
+print(json.dumps(dict(right_after_ms=1e3 * statistics.median(right), after_50ms_ms=1e3 * statistics.median(later))))
+"""
+
+
+def after_probe(threads, spins, repeats):
+    """What the workers' spinning after a pass costs the program's next BLAS call: a NumPy
+    [768, 768] float32 product (OpenBLAS's own threads, outside the pass) right after a MiniLM
+    (1, 16) pass, against 50 ms after one, medians of ``repeats``; one process per GOMP_SPINCOUNT
+    value (minibert's default first), run one after another."""
+    rows = []
+    for spin in [None] + list(spins):
+        env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        if spin is not None:
+            env["GOMP_SPINCOUNT"] = str(spin)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        r = subprocess.run([sys.executable, "-c", AFTER, str(threads), str(repeats)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"the --after probe failed: {r.stderr[-2000:]}")
+        row = dict(spin="default" if spin is None else spin, **json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append(row)
+        print(f"GOMP_SPINCOUNT {row['spin']!s:>9s}: a [768, 768] sgemm right after a pass {row['right_after_ms']:.3f} ms, "
+              f"50 ms after one {row['after_50ms_ms']:.3f} ms")
+    return rows
+
+
 def settings(spins):
     out = {"shared": {}, "shared, no early wake": {"MINIBERT_WAKE_EARLY": "0"},
            "shared, unpinned": {"MINIBERT_PIN_THREADS": "0"}, "own pools": {"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}}
@@ -192,9 +243,18 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--gap", default="0.005,0.3", help="pauses before the timed passes, seconds, comma-separated")
     p.add_argument("--wake", action="store_true", help="only time the first parallel region after pauses")
+    p.add_argument("--after", action="store_true",
+                   help="only time a NumPy product right after a pass, per --spin value and the default")
     p.add_argument("--output", default=None, help="JSON file (default benchmarks/results/pool.json, "
-                                                     "or pool-wake.json with --wake)")
+                                                     "pool-wake.json with --wake, pool-after.json with --after)")
     a = p.parse_args(argv)
+    if a.after:
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        rows = after_probe(a.threads, parse_spins(a.spin), a.repeats)
+        path = write_json(a.output or "benchmarks/results/pool-after.json",
+                          dict(benchmark="pool --after", started=started, threads=a.threads, machine=machine(), results=rows))
+        print(f"wrote {path}")
+        return
     if a.wake:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         rows = wake_probe(a.threads)

@@ -131,6 +131,16 @@ def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
     assert "after 0.01 s" in r.stdout
 
 
+def test_pool_after_probe_times_a_product_after_a_pass_per_spin_count(tmp_path):
+    out = tmp_path / "a.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--after", "--spin", "1000", "--repeats", "3",
+                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [row["spin"] for row in rows] == ["default", 1000]
+    assert all(row["right_after_ms"] > 0 and row["after_50ms_ms"] > 0 for row in rows)
+
+
 def test_pool_wake_probe_times_the_first_region_after_each_pause(tmp_path):
     out = tmp_path / "w.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--wake", "--output", str(out)],
