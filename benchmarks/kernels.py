@@ -125,7 +125,7 @@ def torch_op(op, args):
 
 ROUNDS = 5  # each version is timed in this many slices, the versions (and torch) taking turns
 SLICE_S, SLICE_MAX = 0.2, 50  # a slice: calls until 0.2 s or 50 calls (at least one)
-# idle before each slice: the previous slice's threads (Numba's workers spin ~2.5 ms after a
+# idle before each slice: the previous slice's threads (Numba's workers spin ~0.25 ms after a
 # kernel, torch's OpenMP threads a few ms) stop spinning before the next one is timed
 SLICE_GAP_S = 0.05
 

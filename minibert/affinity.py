@@ -2,7 +2,7 @@
 and the thread that runs the pass kept off those CPUs until the pass ends.
 
 Why: on this kind of virtual machine, a worker woken after it had fallen asleep (any pause longer
-than its ~2.5 ms of spinning, ``GOMP_SPINCOUNT``) was often queued on the CPU of the thread that
+than its spinning, ``GOMP_SPINCOUNT``) was often queued on the CPU of the thread that
 woke it, not on the idle one; that thread then busy-waits at the end of the parallel region for
 the worker that is queued behind it, until the scheduler ends its time slice. A two-thread
 region doing nothing, after a pause of 3 ms / 10 ms / 0.3 s: 0.86 / 4.6 / 6.0 ms (medians of 15,

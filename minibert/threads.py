@@ -100,7 +100,12 @@ def openblas_pthreads_libraries() -> list:
     return found
 
 
-SPIN_COUNT = 100_000  # GOMP_SPINCOUNT: busy-wait iterations of an idle Numba worker, about 2.5 ms here
+# GOMP_SPINCOUNT: busy-wait iterations of an idle Numba worker, about 0.25 ms here. Long enough to
+# keep the workers awake between a pass's kernels; 100_000 (~2.5 ms, the earlier value)
+# timed the same passes (benchmarks.pool, pool-spin10000.json) but took a core from the program's
+# own next BLAS call: a NumPy [768, 768] product right after a MiniLM (1, 16) pass took 7.28 ms
+# against 5.11 with 10_000 (benchmarks.pool --after, pool-after.json)
+SPIN_COUNT = 10_000
 
 
 LAYER_PRIORITY = ("omp", "tbb", "workqueue")
@@ -128,7 +133,7 @@ def configure_omp_waiting() -> str:
 
     Must run before Numba starts its OpenMP pool (libgomp reads the variables when it loads).
     - When OpenBLAS's jobs can run on Numba's pool during a forward pass (:mod:`minibert.blaspool`),
-      there is one set of threads, and letting it spin for ``SPIN_COUNT`` iterations (~2.5 ms) keeps
+      there is one set of threads, and letting it spin for ``SPIN_COUNT`` iterations (~0.25 ms) keeps
       it awake from one kernel or GEMM to the next: ``GOMP_SPINCOUNT``.
     - Otherwise the BLAS library has threads of its own, and a spinning Numba worker takes the core
       they need (measured on 2 cores: MiniLM (8, 128) 348 ms per pass with spinning, 260 ms without):
