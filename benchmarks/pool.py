@@ -21,6 +21,9 @@ a little work between calls, 0.3 s a request arriving at an idle server), while 
 processes wait idle. ``--rounds`` repeats all of it with new processes. Prints medians per setting
 and writes JSON.
 
+``--hog 0.5`` runs a neighbour process busy half of one CPU (anywhere the OS puts it) during the
+timings: what the settings do next to another busy program.
+
 ``--after`` instead measures what the workers' spinning costs the program after a pass: a NumPy
 product (OpenBLAS's own threads) right after a MiniLM (1, 16) pass against 50 ms after one, with
 minibert's GOMP_SPINCOUNT and each ``--spin`` value.
@@ -165,6 +168,23 @@ def after_probe(threads, spins, repeats):
     return rows
 
 
+HOG = """
+import sys, time
+busy = float(sys.argv[1]) * 0.01  # of every 10 ms
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < busy:
+        pass
+    time.sleep(0.01 - busy)
+"""
+
+
+def start_hog(duty):
+    """A neighbour for ``--hog``: one process busy ``duty`` of every 10 ms (one CPU's worth at 1),
+    where the OS puts it, as another program on the machine would be."""
+    return subprocess.Popen([sys.executable, "-c", HOG, str(duty)])
+
+
 def settings(spins):
     out = {"shared": {}, "shared, no early wake": {"MINIBERT_WAKE_EARLY": "0"},
            "shared, unpinned": {"MINIBERT_PIN_THREADS": "0"}, "own pools": {"MINIBERT_BLAS_ON_NUMBA_POOL": "0"}}
@@ -233,6 +253,35 @@ def parse_spins(text):
     return spins
 
 
+def timings(a, models, shapes, gaps, conf):
+    """{(model, shape, setting): {"back_to_back_s": [...], "after_pause_s": {gap: [...]}}}, every
+    setting in a process of its own, timed interleaved (see the module docstring)."""
+    samples = {}
+    for rnd in range(a.rounds):
+        for name in models:
+            for B, T in shapes:
+                children = {s: Child(conf[s], name, B, T, a.threads) for s in conf}  # loaded one after another
+                cells = {s: samples.setdefault((name, f"({B}, {T})", s),
+                                               {"back_to_back_s": [], "after_pause_s": {str(g): [] for g in gaps}})
+                         for s in conf}
+                for i in range(a.repeats):  # interleaved: each repeat times every setting, in a rotating order
+                    order = list(conf)[i % len(conf):] + list(conf)[:i % len(conf)]
+                    for s in order:
+                        cells[s]["back_to_back_s"].append(children[s].time())
+                    for g in gaps:
+                        for s in order:
+                            cells[s]["after_pause_s"][str(g)].append(children[s].time(g))
+                for s, c in children.items():
+                    cells[s].update({k: c.status[k] for k in ("shared_pool", "pinned", "woken_early")})
+                    c.close()
+                    got = cells[s]
+                    print(f"round {rnd + 1}: {name} ({B}, {T}) {s}: back to back "
+                          f"{1e3 * statistics.median(got['back_to_back_s']):.2f} ms, after a pause of "
+                          + ", ".join(f"{g} s {1e3 * statistics.median(ts):.2f} ms" for g, ts in got["after_pause_s"].items()),
+                          file=sys.stderr)
+    return samples
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.pool", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="all", help="base, minilm, all, or a checkpoint directory")
@@ -242,6 +291,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--gap", default="0.005,0.3", help="pauses before the timed passes, seconds, comma-separated")
+    p.add_argument("--hog", type=float, default=0.0,
+                   help="run a busy neighbour process during the timings: the share of one CPU it takes, 0 to 1")
     p.add_argument("--wake", action="store_true", help="only time the first parallel region after pauses")
     p.add_argument("--after", action="store_true",
                    help="only time a NumPy product right after a pass, per --spin value and the default")
@@ -267,30 +318,16 @@ def main(argv=None):
     spins = parse_spins(a.spin)
     gaps = parse_gaps(a.gap)
     conf = settings(spins)
+    if not 0 <= a.hog <= 1:
+        raise SystemExit(f"--hog {a.hog}: expected a share of one CPU between 0 and 1")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    samples = {}  # (model, shape, setting) -> {"back_to_back_s": [...], "after_pause_s": {gap: [...]}}
-    for rnd in range(a.rounds):
-        for name in models:
-            for B, T in shapes:
-                children = {s: Child(conf[s], name, B, T, a.threads) for s in conf}  # loaded one after another
-                cells = {s: samples.setdefault((name, f"({B}, {T})", s),
-                                               {"back_to_back_s": [], "after_pause_s": {str(g): [] for g in gaps}})
-                         for s in conf}
-                for i in range(a.repeats):  # interleaved: each repeat times every setting, in a rotating order
-                    order = list(conf)[i % len(conf):] + list(conf)[:i % len(conf)]
-                    for s in order:
-                        cells[s]["back_to_back_s"].append(children[s].time())
-                    for g in gaps:
-                        for s in order:
-                            cells[s]["after_pause_s"][str(g)].append(children[s].time(g))
-                for s, c in children.items():
-                    cells[s].update({k: c.status[k] for k in ("shared_pool", "pinned", "woken_early")})
-                    c.close()
-                    got = cells[s]
-                    print(f"round {rnd + 1}: {name} ({B}, {T}) {s}: back to back "
-                          f"{1e3 * statistics.median(got['back_to_back_s']):.2f} ms, after a pause of "
-                          + ", ".join(f"{g} s {1e3 * statistics.median(ts):.2f} ms" for g, ts in got["after_pause_s"].items()),
-                          file=sys.stderr)
+    hog = start_hog(a.hog) if a.hog else None
+    try:
+        samples = timings(a, models, shapes, gaps, conf)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
     rows = []
     for (name, shape, s), cell in samples.items():
         rows.append(dict(model=name, shape=shape, setting=s, shared_pool=cell["shared_pool"], pinned=cell["pinned"],
@@ -298,7 +335,8 @@ def main(argv=None):
                          back_to_back_ms=1e3 * statistics.median(cell["back_to_back_s"]),
                          after_pause_ms={g: 1e3 * statistics.median(ts) for g, ts in cell["after_pause_s"].items()},
                          samples=len(cell["back_to_back_s"])))
-    print(f"median ms per forward pass, {a.threads} threads, {a.rounds} rounds x {a.repeats} repeats")
+    print(f"median ms per forward pass, {a.threads} threads, {a.rounds} rounds x {a.repeats} repeats"
+          + (f", a neighbour busy {a.hog:.0%} of one CPU" if a.hog else ""))
     print(f"{'model':8s} {'shape':10s} {'setting':34s} {'back to back':>13s} "
           + " ".join(f"{'after ' + str(g) + ' s':>12s}" for g in gaps))
     for r in rows:
@@ -306,7 +344,7 @@ def main(argv=None):
               + " ".join(f"{v:12.2f}" for v in r["after_pause_ms"].values()))
     path = write_json(a.output or "benchmarks/results/pool.json",
                       dict(benchmark="pool", started=started, threads=a.threads, repeats=a.repeats, rounds=a.rounds,
-                           gaps_s=gaps, machine=machine(), results=rows))
+                           gaps_s=gaps, hog=a.hog, machine=machine(), results=rows))
     print(f"wrote {path}")
 
 

@@ -113,14 +113,15 @@ def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
     shared pool, the pinning and the early wake were really in use."""
     out = tmp_path / "p.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--model", "minilm", "--shapes", "1x16,2x64",
-                        "--spin", "5000", "--repeats", "2", "--rounds", "1", "--gap", "0.01,0.02", "--output", str(out)],
+                        "--spin", "5000", "--repeats", "2", "--rounds", "1", "--gap", "0.01,0.02", "--hog", "0.3",
+                        "--output", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     got = {(row["shape"], row["setting"]): row for row in data["results"]}
     settings = {"shared", "shared, no early wake", "shared, unpinned", "own pools", "shared, GOMP_SPINCOUNT=5000"}
     assert set(got) == {(s, k) for s in ("(1, 16)", "(2, 64)") for k in settings}
-    assert data["gaps_s"] == [0.01, 0.02]
+    assert data["gaps_s"] == [0.01, 0.02] and data["hog"] == 0.3
     for (shape, setting), row in got.items():
         assert row["back_to_back_ms"] > 0 and row["samples"] == 2
         assert set(row["after_pause_ms"]) == {"0.01", "0.02"} and min(row["after_pause_ms"].values()) > 0
@@ -129,6 +130,12 @@ def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
         assert row["woken_early"] is (setting not in ("shared, unpinned", "shared, no early wake")) \
             or not got[(shape, "shared")]["woken_early"]
     assert "after 0.01 s" in r.stdout
+
+
+def test_pool_rejects_a_hog_share_out_of_range():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--hog", "1.5"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "--hog 1.5: expected a share of one CPU between 0 and 1" in r.stderr, r.stderr
 
 
 def test_pool_after_probe_times_a_product_after_a_pass_per_spin_count(tmp_path):
