@@ -7,7 +7,7 @@ threads fall asleep between calls and every switch has to wake the other pool. O
 virtual machine a wake after an idle pause is slow (the vCPU has halted): bert-base at (1, 16)
 took ~60 ms per pass after a 0.3 s pause against ~35 ms back to back. With OpenBLAS's jobs on
 Numba's pool there is one set of threads, and it may spin briefly between regions
-(``GOMP_SPINCOUNT``, set in ``minibert.kernels``): measured, same machine, one process per setting,
+(``GOMP_SPINCOUNT``, set at import by ``minibert.threads.configure_omp_waiting``): measured, same machine, one process per setting,
 (1, 16) after a 0.3 s pause: bert-base 56–63 -> 31–34 ms, MiniLM 10–13 -> 7–8 ms.
 
 How: OpenBLAS (0.3.27 and later, pthreads builds) takes a callback that runs the ``numjobs``
