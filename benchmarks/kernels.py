@@ -219,21 +219,20 @@ def run(models, B, T, dtype, torch=None):
         for op, shape, args, nbytes, flops in cases(MODELS[model], B, T, dtype, rng):
             ref_out = OPS[op]["numpy"](*args)
             timed = {}  # version -> (row, time one slice)
-            for version, fn in OPS[op].items():
-                diff, ok = check(fn(*args), ref_out, dtype)
+
+            def add(version, diff, ok, slice_):
                 rows.append(dict(model=model, op=op, version=version, shape=shape, maxdiff=diff))
                 if ok:
-                    timed[version] = (rows[-1], lambda fn=fn: time_slice(lambda: fn(*args)))
+                    timed[version] = (rows[-1], slice_)
+                else:
+                    rows[-1]["status"] = "FAILED"
+                    print(f"{op}/{version} {shape}: FAILED validation, maxdiff {diff:.3e}", file=sys.stderr)
+
+            for version, fn in OPS[op].items():
+                add(version, *check(fn(*args), ref_out, dtype), lambda fn=fn: time_slice(lambda: fn(*args)))
             answer = torch.ask("check", (model, op, shape)) if torch is not None else None
             if answer is not None:
-                rows.append(dict(model=model, op=op, version="torch", shape=shape, maxdiff=answer[0]))
-                if answer[1]:
-                    timed["torch"] = (rows[-1], lambda key=(model, op, shape): torch.ask("time", key))
-            for row in rows:
-                if row["model"] == model and row["op"] == op and row["shape"] == shape and row["version"] not in timed:
-                    row["status"] = "FAILED"
-                    print(f"{op}/{row['version']} {shape}: FAILED validation, maxdiff {row['maxdiff']:.3e}",
-                          file=sys.stderr)
+                add("torch", *answer, lambda key=(model, op, shape): torch.ask("time", key))
             order = list(timed)
             samples = {v: [] for v in order}
             # as the model runs them: BLAS jobs (blas_v2's products, the reference GEMM) on Numba's

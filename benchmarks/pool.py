@@ -146,6 +146,19 @@ print(json.dumps(dict(right_after_ms=1e3 * statistics.median(right), after_50ms_
 """
 
 
+SETTING_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL", "MINIBERT_PIN_THREADS",
+                "MINIBERT_WAKE_EARLY")
+
+
+def child_env(extra):
+    """The environment of a measured process: this one's without the variables the settings
+    choose (SETTING_VARS), plus ``extra``, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARS}
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
 def after_probe(threads, spins, repeats):
     """What the workers' spinning after a pass costs the program's next BLAS call: a NumPy
     [768, 768] float32 product (OpenBLAS's own threads, outside the pass) right after a MiniLM
@@ -153,10 +166,7 @@ def after_probe(threads, spins, repeats):
     value (minibert's default first), run one after another."""
     rows = []
     for spin in [None] + list(spins):
-        env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-        if spin is not None:
-            env["GOMP_SPINCOUNT"] = str(spin)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env = child_env({} if spin is None else {"GOMP_SPINCOUNT": str(spin)})
         r = subprocess.run([sys.executable, "-c", AFTER, str(threads), str(repeats)], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=900)
         if r.returncode != 0:
@@ -197,11 +207,7 @@ class Child:
     """A process running one setting's model, timing passes on request (see CHILD)."""
 
     def __init__(self, env_extra, name, B, T, threads):
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINIBERT_BLAS_ON_NUMBA_POOL", "MINIBERT_PIN_THREADS",
-                            "MINIBERT_WAKE_EARLY")}
-        env.update(env_extra)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env = child_env(env_extra)
         self.what = f"{name} ({B}, {T}) {env_extra}"
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, name, str(B), str(T), str(threads)], env=env, cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -356,8 +356,6 @@ def shared():
     OpenBLAS uses its own pool and the calling thread its own CPUs. Nests, and is safe from
     several threads (only the outermost block changes anything)."""
     global _depth
-    from . import affinity
-
     state = _state if available() else None  # not available before the first parallel kernel ran: then next time
     with _lock:
         _depth += 1
@@ -367,12 +365,12 @@ def shared():
                 s(state[0])
     saved = None
     try:
-        saved = affinity.enter() if outer else None
+        saved = _affinity.enter() if outer else None
         yield
     finally:
         if outer:
             ready()  # a wake region left open (an error before the first kernel)
-        affinity.leave(saved)
+        _affinity.leave(saved)
         with _lock:
             _depth -= 1
             if _depth == 0 and _state:

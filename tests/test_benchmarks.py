@@ -168,3 +168,16 @@ def test_pool_benchmark_rejects_bad_shapes_and_spins():
         r = subprocess.run([sys.executable, "-m", "benchmarks.pool", *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+
+
+def test_kernel_benchmark_reports_a_version_that_disagrees_and_does_not_time_it(monkeypatch, capsys):
+    from benchmarks import kernels
+
+    monkeypatch.setitem(OPS["relu"], "broken", lambda x, bias=None: OPS["relu"]["numpy"](x, bias) + 1e-3)
+    monkeypatch.setattr(kernels, "ROUNDS", 1)
+    rows = kernels.run(["minilm"], 1, 8, "float32")
+    relu = {row["version"]: row for row in rows if row["op"] == "relu"}
+    assert relu["broken"]["status"] == "FAILED" and "ms" not in relu["broken"]
+    assert abs(relu["broken"]["maxdiff"] - 1e-3) < 1e-6
+    assert relu["numpy"]["status"] == "ok" and relu["numpy"]["ms"] > 0
+    assert "relu/broken [8, 1536] + bias: FAILED validation, maxdiff 1.000e-03" in capsys.readouterr().err
