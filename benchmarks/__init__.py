@@ -9,3 +9,8 @@ import sys
 ORIGINAL_ENV = dict(os.environ)
 if "numpy" not in sys.modules:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
+# `python -m ...` puts the repository root first on sys.path, where kernels/ (installed only as
+# minibert.kernels) would shadow PyPI's `kernels` package, which transformers imports: move it last.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _root] + [_root]

@@ -18,12 +18,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+
 def cpu_flags() -> list:
+    """The vector ISA flags of /proc/cpuinfo that decide which kernels a host runs well."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags)
+                return sorted(f for f in ISA_FLAGS if f in flags)
     except OSError:
         pass
     return []

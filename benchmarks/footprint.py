@@ -89,7 +89,9 @@ def run_measured(kind, target, *args, env=None):
     "module") or the code ``target`` with ``args`` (kind "code")."""
     cmd = [sys.executable, "-c", HWM, kind, target, *args]
     t = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    # run outside the repository: there its kernels/ would shadow the `kernels` package transformers imports
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+                       cwd=tempfile.gettempdir())
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise RuntimeError(f"{kind} {target[:40]!r} failed ({p.returncode}): {p.stderr[-2000:]}")

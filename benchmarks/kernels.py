@@ -13,7 +13,7 @@ output (addmm), so torch's activation/LayerNorm input is pre-biased outside the 
 versions of a case and its torch op are timed taking turns (5 slices of up to 0.2 s or 50 calls
 each, in a rotating order, 50 ms idle and one untimed call before each), so a change in the
 machine's load reaches all of them alike. malloc is
-set up as a model sets it (minibert/alloc.py): each output reuses the block the last one freed, as
+set up as a model sets it (minibert/runtime.py): each output reuses the block the last one freed, as
 torch's caching allocator does, instead of arriving as fresh pages the kernel must zero.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-from minibert import blaspool
 from minibert.kernels import OPS
 
 from .common import machine, write_json
@@ -235,15 +234,12 @@ def run(models, B, T, dtype, torch=None):
                 add("torch", *answer, lambda key=(model, op, shape): torch.ask("time", key))
             order = list(timed)
             samples = {v: [] for v in order}
-            # as the model runs them: BLAS jobs (blas_v2's products, the reference GEMM) on Numba's
-            # threads, so a spinning Numba worker never fights an OpenBLAS thread (torch: its own process)
-            with blaspool.shared():
-                for v in order:  # warm-up: first calls (packing a weight, a cold cache) are not timed
-                    timed[v][1]()
-                for r in range(ROUNDS):
-                    for v in order[r % len(order):] + order[:r % len(order)]:
-                        time.sleep(SLICE_GAP_S)
-                        samples[v] += timed[v][1]()
+            for v in order:  # warm-up: first calls (packing a weight, a cold cache) are not timed
+                timed[v][1]()
+            for r in range(ROUNDS):
+                for v in order[r % len(order):] + order[:r % len(order)]:
+                    time.sleep(SLICE_GAP_S)
+                    samples[v] += timed[v][1]()
             for v, (row, _) in timed.items():
                 t = samples[v]
                 med = statistics.median(t)
@@ -296,7 +292,7 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="leave out the torch rows")
     a = p.parse_args(argv)
     models = list(MODELS) if a.model == "all" else [a.model]
-    from minibert.alloc import keep_freed_memory
+    from minibert.runtime import keep_freed_memory
 
     keep_freed_memory()  # as in the model: outputs reuse freed blocks instead of fresh zeroed pages
     started = time.strftime("%Y-%m-%dT%H:%M:%S")

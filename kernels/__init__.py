@@ -7,9 +7,6 @@ itself under ``(op, version)``; :func:`select` hands the model one version of ev
 import os
 import tempfile
 
-# How Numba's OpenMP workers wait between parallel regions (OMP_WAIT_POLICY / GOMP_SPINCOUNT) is
-# chosen by minibert/__init__ before this package loads: see minibert.threads.configure_omp_waiting.
-
 
 def _writable(path) -> bool:
     try:

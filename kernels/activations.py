@@ -5,7 +5,7 @@ Versions, each with the reference's signature ``f(x, bias=None) -> y`` computing
 ``x``, so the add is fused into the activation's pass over memory instead of a pass of its own):
 - ``numpy``: the reference. NumPy has no erf, so the exact GELU maps ``math.erf`` over the
   elements (slow, but exact in float64 and written for clarity).
-- ``numba``: one ``@njit(cache=True)`` loop over the flattened array. No ``fastmath``: the exact
+- ``numba``: one ``@njit(error_model="numpy", cache=True)`` loop over the flattened array. No ``fastmath``: the exact
   GELU must match torch's erf to fp32 rounding and fp64 parity is held to 1e-10.
 - ``numba_v2`` (the default for all four): float32 erf/exp as vectorizable multiply-adds
   (fastmath.py), a ``prange`` over the rows on both cores, the bias added in the same pass;
@@ -23,8 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import fexp, ferf
-from .parallel import launch
-from .registry import register
+from .registry import FASTMATH, register
 
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -68,28 +67,28 @@ def silu_numpy(x, bias=None):
 
 
 # --- numba v1: one scalar loop per op -----------------------------------------------------------
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _gelu_loop(x, out):
     for i in range(x.size):
         v = x[i]
         out[i] = 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _gelu_tanh_loop(x, out):
     for i in range(x.size):
         v = x[i]
         out[i] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _relu_loop(x, out):
     for i in range(x.size):
         v = x[i]
         out[i] = v if v > 0 else 0.0
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _silu_loop(x, out):
     for i in range(x.size):
         v = x[i]
@@ -157,7 +156,7 @@ def act_row(src, b, dst, act):
 
 
 # x, out: [R, C], prange over the rows; b: [C], the bias (zeros when there is none: x + 0 is x).
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _act_v2(x, b, out, act):
     for r in prange(x.shape[0]):
         act_row(x[r], b, out[r], act)
@@ -178,7 +177,7 @@ def _rows(x, bias):
 
 def _v2(x, bias, act):
     x, x2, b, out = _rows(x, bias)
-    launch(_act_v2, x2.size, x2, b, out.reshape(x2.shape), act)
+    _act_v2(x2, b, out.reshape(x2.shape), act)
     return out
 
 

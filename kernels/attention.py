@@ -46,7 +46,7 @@ from numba import njit, prange
 
 from .fastmath import fexp, fmax
 from .gemm import _dot
-from .registry import register
+from .registry import FASTMATH, register
 from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
 
 
@@ -79,7 +79,7 @@ def attention_blas_v2(qkv, starts, n_head, scale, mask=None):
     return _per_sequence(qkv, starts, n_head, scale, mask, masked_softmax_numba_v2)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _attention_fused(qkv, starts, mask, has_mask, n_head, scale, out):
     H = qkv.shape[1] // 3
     dH = H // n_head
@@ -152,7 +152,7 @@ def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_fused, qkv, starts, n_head, scale, mask)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _head_transposed(qkv, lo, L, col, dH):  # qkv[lo:lo+L, col:col+dH]ᵀ -> [dH, L], contiguous rows
     # 8 source rows at a time, so each row of the result is written 8 contiguous values at a
     # time: 0.65 -> 0.40 ms of bert-base (8, 128)'s 4 ms, against one element at a time
@@ -174,7 +174,7 @@ def _head_transposed(qkv, lo, L, col, dH):  # qkv[lo:lo+L, col:col+dH]ᵀ -> [dH
     return t
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
     # s[r, :] (holding the mask row) += (q[r0+r]·scale)·Kᵀ for nr <= 4 query rows
     D4 = dH - dH % 4
@@ -205,7 +205,7 @@ def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
                 sr[j] += a * kd[j]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _softmax_rows(s, nr, inv, zero):  # s[:nr] -> exp(s - row max) in place, inv[r] = 1 / row sum
     for r in range(nr):
         row = s[r]
@@ -220,7 +220,7 @@ def _softmax_rows(s, nr, inv, zero):  # s[:nr] -> exp(s - row max) in place, inv
         inv[r] = 1 / tot
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _context(s, nr, inv, vt, out, r0, col, zero):
     # out[r0+r, col:col+dH] = (s[r]·inv[r])·V for nr <= 4 rows, V given as vt = Vᵀ [dH, L]
     # The 4x3 block of running sums below is gemm._gemm_4x3's. Written once as a shared jitted
@@ -264,7 +264,7 @@ def _context(s, nr, inv, vt, out, r0, col, zero):
             o[d] = _dot(s[r], vt[d], zero) * inv[r]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
     H = qkv.shape[1] // 3
     dH = H // n_head

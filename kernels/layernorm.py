@@ -24,8 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .parallel import launch
-from .registry import register
+from .registry import FASTMATH, register
 
 
 @register("layernorm", "numpy")
@@ -39,7 +38,7 @@ def layernorm_numpy(x, residual, weight, bias, eps, x_bias=None):
     return (x - mean) / np.sqrt(var + x.dtype.type(eps)) * weight + bias
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _layernorm_rows(x, residual, has_residual, weight, bias, eps, out):
     n, h = x.shape
     for r in range(n):
@@ -78,27 +77,47 @@ def layernorm_numba(x, residual, weight, bias, eps, x_bias=None):
 
 @njit(inline="always")
 def ln_row(src, xb, res, weight, bias, eps, dst):
-    # dst = LayerNorm((src + xb) + res)·weight + bias over one row of H: 1-D views, so every loop
-    # vectorizes (in a caller compiled with fastmath); dst may be src. Also run by the dense
-    # layers' GEMM on the rows it has just finished (kernels/dense.py)
+    # dst = LayerNorm((src + xb) + res)·weight + bias over one row of H: 1-D views; dst may be src.
+    # Also run by the dense layers' GEMM on the rows it has just finished (kernels/dense.py)
     h = src.size
     f = dst.dtype.type
-    s = f(0)
     for j in range(h):
-        v = (src[j] + xb[j]) + res[j]
-        dst[j] = v
-        s += v
-    mean = s / f(h)  # s / h with the int h would be float64, and so every loop after it
-    ss = f(0)
-    for j in range(h):
-        d = dst[j] - mean
-        ss += d * d
-    inv = f(1 / np.sqrt(ss / h + eps))
+        dst[j] = (src[j] + xb[j]) + res[j]
+    mean = _lanes_sum(dst, f(0), f(0)) / f(h)  # / f(h): with the int h it would be float64, and so every loop after it
+    inv = f(1 / np.sqrt(_lanes_sum(dst, mean, f(1)) / h + eps))
     for j in range(h):
         dst[j] = (dst[j] - mean) * inv * weight[j] + bias[j]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(inline="always")
+def _lanes_sum(a, shift, square):
+    # sum of (a[j] - shift)^p, p = 1 (square 0) or 2 (square 1), in 8 running sums, then those
+    # in a fixed order: the order is the code's, so it vectorizes without letting LLVM reassociate
+    # (which made a process that compiled the kernel and one that loaded it from the cache round
+    # differently)
+    z = a.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = z
+    n8 = a.size - a.size % 8
+    for j in range(0, n8, 8):
+        d0, d1, d2, d3 = a[j] - shift, a[j + 1] - shift, a[j + 2] - shift, a[j + 3] - shift
+        d4, d5, d6, d7 = a[j + 4] - shift, a[j + 5] - shift, a[j + 6] - shift, a[j + 7] - shift
+        if square:
+            d0, d1, d2, d3, d4, d5, d6, d7 = d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7
+        s0 += d0
+        s1 += d1
+        s2 += d2
+        s3 += d3
+        s4 += d4
+        s5 += d5
+        s6 += d6
+        s7 += d7
+    for j in range(n8, a.size):
+        d = a[j] - shift
+        s0 += d * d if square else d
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _layernorm_v2(x, xb, residual, weight, bias, eps, out):
     # x, residual, out: [N, H]; xb, weight, bias: [H]
     for r in prange(x.shape[0]):
@@ -118,6 +137,6 @@ def layernorm_numba_v2(x, residual, weight, bias, eps, x_bias=None):
     # no residual: add a zero row (x + 0 is x); a broadcast view costs no memory
     r2 = (np.broadcast_to(zeros, x2.shape) if residual is None
           else np.ascontiguousarray(residual, dtype=dt).reshape(x2.shape))
-    launch(_layernorm_v2, x2.size, x2, xb, r2, np.ascontiguousarray(weight, dtype=dt),
+    _layernorm_v2(x2, xb, r2, np.ascontiguousarray(weight, dtype=dt),
            np.ascontiguousarray(bias, dtype=dt), dt.type(eps), out)
     return out.reshape(shape)

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+# Numba's fast-math flags for every kernel that uses any: reordering and contraction, but not
+# "nnan"/"ninf": a NaN or inf in the weights or inputs must come out as it does in transformers,
+# not be assumed away. Every kernel also takes NumPy's error model (``error_model="numpy"``), so a
+# division by zero gives inf or NaN instead of raising from inside the kernel.
+FASTMATH = {"nsz", "arcp", "contract", "afn"}
+
 # op -> {version: function}
 OPS: Dict[str, Dict[str, Callable]] = {}
 # op -> the version the "numba" kernel set uses

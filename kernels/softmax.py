@@ -31,8 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import fexp, fmax
-from .parallel import launch
-from .registry import register
+from .registry import FASTMATH, register
 
 
 def _out_like(scores, out):
@@ -54,7 +53,7 @@ def masked_softmax_numpy(scores, mask, scale, out=None):
     return np.divide(e, e.sum(axis=-1, keepdims=True), out=None if out is None else _out_like(scores, out))
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _masked_softmax_rows(s, mask, has_mask, scale, out):
     b_n, h_n, q_n, k_n = s.shape
     for b in range(b_n):
@@ -90,7 +89,7 @@ def masked_softmax_numba(scores, mask, scale, out=None):
     return out
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _masked_softmax_v2(s, mask, scale, one, out):
     # s, out: [R, Tk] rows (R = B·nH·Tq, rows of one sequence contiguous); mask: [B, Tk] additive
     rows, k_n = s.shape
@@ -121,6 +120,6 @@ def masked_softmax_numba_v2(scores, mask, scale, out=None):
         return out
     dt = scores.dtype.type
     m = np.zeros((B, Tk), dtype=scores.dtype) if mask is None else np.ascontiguousarray(mask, dtype=scores.dtype)
-    launch(_masked_softmax_v2, scores.size, scores.reshape(B * nH * Tq, Tk), m, dt(scale), dt(1.0),
+    _masked_softmax_v2(scores.reshape(B * nH * Tq, Tk), m, dt(scale), dt(1.0),
            out.reshape(B * nH * Tq, Tk))
     return out

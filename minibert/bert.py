@@ -8,9 +8,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import blaspool
 from . import model as F
-from .alloc import keep_freed_memory
+from . import runtime
 from .config import ACTIVATIONS, BertConfig
 from .hub import resolve_model_dir
 from .inputs import prepare_inputs
@@ -85,7 +84,6 @@ class BertModel(Module):
                  skip_padding: bool = True):
         """``params``: ``{checkpoint name: array}`` as :func:`minibert.weights.load_weights` returns.
         ``skip_padding``: see :meth:`from_pretrained`."""
-        keep_freed_memory()
         nested = F.nest(params)
         for lp in nested["encoder"]["layer"]:
             _fuse_qkv(lp["attention"]["self"])
@@ -101,7 +99,7 @@ class BertModel(Module):
         self._add("embeddings", BertEmbeddings(nested["embeddings"], config, self._k))
         self._add("encoder", BertEncoder(nested["encoder"], config, self._k))
         if "pooler" in nested:
-            self._add("pooler", BertPooler(nested["pooler"]))
+            self._add("pooler", BertPooler(nested["pooler"], self._k))
 
     def __getattr__(self, name):
         if name == "pooler" and "pooler" not in self.__dict__["_children"]:
@@ -133,9 +131,9 @@ class BertModel(Module):
             config_overrides=config_overrides)
         return cls(config, params, kernels=kernels, heads=heads, name_or_path=name, skip_padding=skip_padding)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                 return_dict: Optional[bool] = None, capture=None) -> BaseModelOutputWithPooling:
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                return_dict: Optional[bool] = None, capture=None) -> BaseModelOutputWithPooling:
         """``capture``: tap names or glob patterns (see :meth:`tap_names`); the arrays come back in
         ``out.captures``, e.g. ``capture=["encoder.layer.*.attention.self.probs"]``."""
         out = self.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions,
@@ -148,21 +146,18 @@ class BertModel(Module):
             capture=None, skip_padding: Optional[bool] = None) -> Dict:
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
         ``skip_padding`` None: the model's ``skip_padding``."""
+        runtime.enter()
         c = self.config
-        with blaspool.shared():  # the GEMMs' BLAS jobs on the kernels' threads: one pool, see blaspool
-            # the workers wake while the inputs are checked and embedded (blaspool.wake): nothing
-            # parallel may run before F.bert calls ready
-            blaspool.wake()
-            tap = self._taps(capture)
-            ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
-            return F.bert(
-                self._params, ids, mask, tt, pos,
-                n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
-                output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
-                output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
-                tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
-                plans=self._plans, ready=blaspool.ready,
-            )
+        tap = self._taps(capture)
+        ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
+        return F.bert(
+            self._params, ids, mask, tt, pos,
+            n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
+            output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
+            tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
+            plans=self._plans,
+        )
 
     def tap_names(self) -> List[str]:
         """Every name ``capture=`` accepts, in the order the forward pass reaches them:
@@ -193,4 +188,3 @@ class BertModel(Module):
             chosen.update(hits)
         return F.Taps(chosen)
 
-    forward = __call__

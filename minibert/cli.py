@@ -444,7 +444,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="minibert: %(message)s", stream=sys.stderr)
     try:
         if getattr(args, "threads", None) is not None:
-            from .threads import set_num_threads
+            from .runtime import set_num_threads
 
             set_num_threads(args.threads)
             log.info("threads: %d (Numba and BLAS)", args.threads)

@@ -97,7 +97,7 @@ class BertLMPredictionHead(Module):
         self._add("transform", BertPredictionHeadTransform(p["transform"], config, k))
         self._add("decoder", Decoder(p["decoder"], ties))
 
-    def __call__(self, h):  # [..., H] -> [..., V]
+    def forward(self, h):  # [..., H] -> [..., V]
         c = self._cfg
         self.decoder.sync()
         return F.lm_head(np.asarray(h), **self._params, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k)
@@ -282,7 +282,7 @@ class BertForMaskedLM(BertPreTrainedModel):
     def _build(self):
         self._add("cls", BertOnlyMLMHead({"predictions": self._lm_params()}, self.config, self._k, self._ties()))
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> MaskedLMOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            output_attentions, capture, labels)
@@ -293,8 +293,6 @@ class BertForMaskedLM(BertPreTrainedModel):
             loss = cross_entropy(logits, y)
         return self._finish(MaskedLMOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
                                            attentions=out["attentions"], captures=out["captures"]), return_dict)
-
-    forward = __call__
 
 
 class BertForNextSentencePrediction(BertPreTrainedModel):
@@ -309,7 +307,7 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
     def _build(self):
         self._add("cls", BertOnlyNSPHead(self._params["cls"]))
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> NextSentencePredictorOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            output_attentions, capture, labels)
@@ -319,8 +317,6 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
             loss = cross_entropy(logits, class_labels("labels", labels, logits.shape[:1], 2))
         return self._finish(NextSentencePredictorOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
                                                         attentions=out["attentions"], captures=out["captures"]), return_dict)
-
-    forward = __call__
 
 
 class BertForPreTraining(BertPreTrainedModel):
@@ -337,7 +333,7 @@ class BertForPreTraining(BertPreTrainedModel):
         p = {"predictions": self._lm_params(), "seq_relationship": self._params["cls"]["seq_relationship"]}
         self._add("cls", BertPreTrainingHeads(p, self.config, self._k, self._ties()))
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  next_sentence_label=None, output_hidden_states=None, output_attentions=None,
                  return_dict=None, capture=None) -> BertForPreTrainingOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
@@ -355,8 +351,6 @@ class BertForPreTraining(BertPreTrainedModel):
         return self._finish(BertForPreTrainingOutput(
             loss=loss, prediction_logits=mlm, seq_relationship_logits=nsp, hidden_states=out["hidden_states"],
             attentions=out["attentions"], captures=out["captures"]), return_dict)
-
-    forward = __call__
 
 
 class _Classifier(BertPreTrainedModel):
@@ -390,7 +384,7 @@ class BertForSequenceClassification(_Classifier):
     def problem_type(self) -> Optional[str]:
         return self.config.extra.get("problem_type")
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> SequenceClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            output_attentions, capture, labels)
@@ -398,8 +392,6 @@ class BertForSequenceClassification(_Classifier):
         loss = None if labels is None else self._loss(logits, labels)
         return self._finish(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
                                                      attentions=out["attentions"], captures=out["captures"]), return_dict)
-
-    forward = __call__
 
     def _loss(self, logits, labels):
         B, n = logits.shape
@@ -427,7 +419,7 @@ class BertForSequenceClassification(_Classifier):
 class BertForTokenClassification(_Classifier):
     """``logits`` [B, T, num_labels], one prediction per token; ``labels`` [B, T] (-100: not scored)."""
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> TokenClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            output_attentions, capture, labels)
@@ -437,8 +429,6 @@ class BertForTokenClassification(_Classifier):
             loss = cross_entropy(logits, class_labels("labels", labels, logits.shape[:2], logits.shape[-1]))
         return self._finish(TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
                                                   attentions=out["attentions"], captures=out["captures"]), return_dict)
-
-    forward = __call__
 
 
 class BertForQuestionAnswering(_Classifier):
@@ -450,7 +440,7 @@ class BertForQuestionAnswering(_Classifier):
 
     head_name = "qa_outputs"
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  start_positions=None, end_positions=None, output_hidden_states=None, output_attentions=None,
                  return_dict=None, capture=None) -> QuestionAnsweringModelOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
@@ -478,8 +468,6 @@ class BertForQuestionAnswering(_Classifier):
         return self._finish(QuestionAnsweringModelOutput(
             loss=loss, start_logits=np.ascontiguousarray(start), end_logits=np.ascontiguousarray(end),
             hidden_states=out["hidden_states"], attentions=out["attentions"], captures=out["captures"]), return_dict)
-
-    forward = __call__
 
 
 TASK_MODELS = {

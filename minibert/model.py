@@ -97,14 +97,12 @@ class Batch:
 
 
 def embeddings(input_ids, token_type_ids, position_ids, *, word_embeddings, position_embeddings,
-               token_type_embeddings, LayerNorm, eps, k, ready=None):  # [...] x3 -> [..., H]
+               token_type_embeddings, LayerNorm, eps, k):  # [...] x3 -> [..., H]
     # np.asarray: the tables are views of the memory-mapped file, and a gather from an np.memmap
     # runs its Python __getitem__ and __array_finalize__ (~10 µs a pass)
     x = np.asarray(word_embeddings["weight"])[input_ids]  # [..., H]
     x += np.asarray(token_type_embeddings["weight"])[token_type_ids]
     pos = np.asarray(position_embeddings["weight"])[position_ids]  # [..., H]
-    if ready is not None:  # the first kernel of the pass follows (see bert's ``ready``)
-        ready()
     # LayerNorm((word + token_type) + position): transformers' order of adds, the last in the kernel
     return k["layernorm"](x, pos, LayerNorm["weight"], LayerNorm["bias"], eps)
 
@@ -279,11 +277,8 @@ def layer_planned(x, batch: Batch, steps, n_head, k):  # [N, H] -> [N, H]: ``lay
     return out(inter(a), a)  # LayerNorm(act(a·Wᵀ + b)·Wᵀ + b + a)
 
 
-def pooler(h, *, dense, k=None, tap=None):  # [B, T, H] -> [B, H]
-    if k is None:  # BertPooler called on its own: NumPy's BLAS
-        pre = linear(h[:, 0], **dense)  # [B, H]
-    else:
-        pre = k["dense_act"](np.ascontiguousarray(h[:, 0]), dense["weight"], dense["bias"])  # [B, H]
+def pooler(h, *, dense, k, tap=None):  # [B, T, H] -> [B, H]
+    pre = k["dense_act"](np.ascontiguousarray(h[:, 0]), dense["weight"], dense["bias"])  # [B, H]: h[:, 0]·Wᵀ + b
     if tap:
         tap("pooler.dense", pre)
     return np.tanh(pre)
@@ -336,8 +331,7 @@ def lm_head(h, *, transform, decoder, bias, eps, act, k):  # [..., H] -> [..., V
 
 def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, *, n_head: int, eps: float,
          act: str, k: Dict, output_hidden_states: bool = False, output_attentions: bool = False,
-         tap: Optional[Taps] = None, skip_padding: bool = True, plans: Optional[Dict] = None,
-         ready: Optional[Callable[[], None]] = None):
+         tap: Optional[Taps] = None, skip_padding: bool = True, plans: Optional[Dict] = None):
     """The whole BertModel. Inputs are checked int64 [B, T] arrays (``attention_mask`` 0/1 in the
     compute dtype). Returns a dict of last_hidden_state [B, T, H], pooler_output [B, H] or None,
     hidden_states (L + 1 of [B, T, H]) or None, attentions (L of [B, nH, T, T]) or None, and
@@ -351,11 +345,7 @@ def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, 
     ``plans``: a dict the caller keeps between calls (BertModel does), for layer plans: when
     neither attentions nor captures are asked for and ``k``'s dense ops are the prepared-kernel
     versions, each layer runs :func:`layer_planned`, the same kernels without the per-call
-    Python of :func:`layer` (~0.3 ms of a MiniLM (1, 16) pass, measured).
-
-    ``ready``: called once before the pass's first kernel, after the Python that comes before it
-    (BertModel passes :func:`minibert.blaspool.ready`: the threads it woke at the start of the
-    call must have arrived before a parallel kernel runs)."""
+    Python of :func:`layer` (~0.3 ms of a MiniLM (1, 16) pass, measured)."""
     dtype = params["embeddings"]["LayerNorm"]["weight"].dtype
     wanted, tap = tap, (tap or None)  # an empty Taps runs like None and still returns {}
     valid = attention_mask != 0  # [B, T]
@@ -367,7 +357,7 @@ def bert(params: Dict, input_ids, attention_mask, token_type_ids, position_ids, 
     else:  # no additive mask at all without padding: adding zeros would change nothing
         batch = Batch(B, T, mask=additive_mask(attention_mask, dtype) if padded else None)
         ids, tt, pos = (a.reshape(-1) for a in (input_ids, token_type_ids, position_ids))  # [B·T]
-    x = embeddings(ids, tt, pos, **params["embeddings"], eps=eps, k=k, ready=ready)  # [N, H]
+    x = embeddings(ids, tt, pos, **params["embeddings"], eps=eps, k=k)  # [N, H]
     if tap:
         tap("embeddings", batch.unpack(x))
     # intermediates are kept only when asked for: nothing of a layer outlives the next one otherwise

@@ -11,8 +11,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from . import blaspool
 from . import model as F
+from . import runtime
 from .config import ACTIVATIONS, BertConfig
 
 
@@ -21,15 +21,10 @@ class Module:
 
     _param_names: Tuple[str, ...] = ()
 
-    def __init_subclass__(cls, **kwargs):
-        """A module's call (and ``forward``, its alias) runs with OpenBLAS's threaded jobs on Numba's
-        threads, so its GEMMs and kernels share one pool (minibert.blaspool)."""
-        super().__init_subclass__(**kwargs)
-        call = cls.__dict__.get("__call__")
-        if call is not None:
-            cls.__call__ = blaspool.on_numba_pool(call)
-            if cls.__dict__.get("forward") is call:
-                cls.forward = cls.__call__
+    def __call__(self, *args, **kwargs):
+        """``forward``, after the runtime's checks (minibert.runtime.enter), as torch's nn.Module."""
+        runtime.enter()
+        return self.forward(*args, **kwargs)
 
     def __init__(self, params: Dict | None = None):
         object.__setattr__(self, "_params", params if params is not None else {})
@@ -118,7 +113,7 @@ class ModuleList(Module):
 class Linear(Module):
     _param_names = ("weight", "bias")
 
-    def __call__(self, x):  # [..., in] -> [..., out]
+    def forward(self, x):  # [..., in] -> [..., out]
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
@@ -133,7 +128,7 @@ class Embedding(Module):
         super().__init__(params)
         self.padding_idx = padding_idx
 
-    def __call__(self, ids):  # [...] -> [..., H]
+    def forward(self, ids):  # [...] -> [..., H]
         return self.weight[np.asarray(ids)]
 
     def extra_repr(self):
@@ -150,7 +145,7 @@ class LayerNorm(Module):
         self.eps = eps
         self._k = k
 
-    def __call__(self, x, residual=None):  # [..., H] -> [..., H]; LayerNorm(x + residual)
+    def forward(self, x, residual=None):  # [..., H] -> [..., H]; LayerNorm(x + residual)
         return self._k["layernorm"](x, residual, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
@@ -162,7 +157,7 @@ class Activation(Module):
         super().__init__()
         self.name, self._fn = name, fn
 
-    def __call__(self, x):
+    def forward(self, x):
         return self._fn(x)
 
     def __repr__(self):
@@ -178,7 +173,7 @@ class BertEmbeddings(Module):
         self._add("token_type_embeddings", Embedding(p["token_type_embeddings"]))
         self._add("LayerNorm", LayerNorm(p["LayerNorm"], config.layer_norm_eps, k))
 
-    def __call__(self, input_ids, token_type_ids, position_ids):  # [B, T] x3 -> [B, T, H]
+    def forward(self, input_ids, token_type_ids, position_ids):  # [B, T] x3 -> [B, T, H]
         return F.embeddings(input_ids, token_type_ids, position_ids, **self._params, eps=self._cfg.layer_norm_eps, k=self._k)
 
 
@@ -196,7 +191,7 @@ class BertSelfAttention(Module):
         for name in ("query", "key", "value"):
             self._add(name, Linear(p[name]))
 
-    def __call__(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
+    def forward(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
         return _dense(F.self_attention, x, mask, **self._params, n_head=self._cfg.num_attention_heads, k=self._k)
 
 
@@ -214,7 +209,7 @@ class BertAttention(Module):
         self._add("self", BertSelfAttention(p["self"], config, k))
         self._add("output", BertSelfOutput(p["output"], config, k))
 
-    def __call__(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
+    def forward(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
         c = self._cfg
         return _dense(F.attention_block, x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps,
                       k=self._k)
@@ -227,7 +222,7 @@ class BertIntermediate(Module):
         self._add("dense", Linear(p["dense"]))
         self._add("intermediate_act_fn", Activation(config.hidden_act, k[op]))
 
-    def __call__(self, x):  # [B, T, H] -> [B, T, I]
+    def forward(self, x):  # [B, T, H] -> [B, T, I]
         return self.intermediate_act_fn(self.dense(x))
 
 
@@ -243,7 +238,7 @@ class BertLayer(Module):
         self._add("intermediate", BertIntermediate(p["intermediate"], config, k))
         self._add("output", BertOutput(p["output"], config, k))
 
-    def __call__(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
+    def forward(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
         c = self._cfg
         return _dense(F.layer, x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps,
                       act=ACTIVATIONS[c.hidden_act], k=self._k)
@@ -256,10 +251,11 @@ class BertEncoder(Module):
 
 
 class BertPooler(Module):
-    def __init__(self, p):
+    def __init__(self, p, k):
         super().__init__(p)
+        self._k = k
         self._add("dense", Linear(p["dense"]))
         self._add("activation", Activation("tanh", np.tanh))
 
-    def __call__(self, hidden_states):  # [B, T, H] -> [B, H]
-        return F.pooler(np.asarray(hidden_states), **self._params)
+    def forward(self, hidden_states):  # [B, T, H] -> [B, H]
+        return F.pooler(np.asarray(hidden_states), **self._params, k=self._k)  # the pass's kernel: the same bits

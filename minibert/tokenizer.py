@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -72,7 +73,9 @@ class BertTokenizer:
             raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
         backend.no_padding()
         backend.no_truncation()
-        self._tok = backend
+        self._tok = backend  # never reconfigured: each padding/truncation setting has a copy (_configured)
+        self._configs: Dict = {}
+        self._lock = threading.Lock()
         self.model_max_length = model_max_length if model_max_length is not None else _NO_LIMIT
         self.name_or_path = name_or_path
         specials = {**_DEFAULT_SPECIALS, **(special_tokens or {})}
@@ -180,25 +183,14 @@ class BertTokenizer:
         texts, pairs = _batch(text, text_pair)
         pad, trunc, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
 
-        tok = self._tok
+        if pad and self.pad_token_id is None:
+            raise ValueError(f"padding={padding!r} needs a pad token, and {self.pad_token!r} is not in the vocabulary")
+        tok = self._configured(trunc, max_length, pad, pad_to_multiple_of)
+        inputs = texts if pairs is None else list(zip(texts, pairs))
         try:
-            if trunc:
-                tok.enable_truncation(max_length, strategy=trunc)
-            if pad:
-                pad_id = self.pad_token_id
-                if pad_id is None:
-                    raise ValueError(f"padding={padding!r} needs a pad token, and {self.pad_token!r} is not in the vocabulary")
-                tok.enable_padding(pad_id=pad_id, pad_token=self.pad_token, pad_type_id=0,
-                                   length=max_length if pad == "max_length" else None,
-                                   pad_to_multiple_of=pad_to_multiple_of)
-            inputs = texts if pairs is None else list(zip(texts, pairs))
-            try:
-                encs = tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
-            except Exception as e:  # the Rust library raises a bare Exception (e.g. pair truncation impossible)
-                raise ValueError(f"tokenization failed: {e}") from None
-        finally:
-            tok.no_truncation()
-            tok.no_padding()
+            encs = tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        except Exception as e:  # the Rust library raises a bare Exception (e.g. pair truncation impossible)
+            raise ValueError(f"tokenization failed: {e}") from None
 
         lengths = {len(e.ids) for e in encs}
         if len(lengths) > 1:
@@ -214,6 +206,28 @@ class BertTokenizer:
         if return_attention_mask is not False:
             out["attention_mask"] = np.array([e.attention_mask for e in encs], dtype=np.int64).reshape(len(encs), T)
         return out
+
+    def _configured(self, trunc, max_length, pad, pad_to_multiple_of):
+        """A copy of the backend with these truncation and padding settings, made once and never
+        changed after: the settings live on the Rust tokenizer, so switching them on one shared
+        tokenizer per call would race between threads tokenizing at once."""
+        key = (trunc, max_length, pad, pad_to_multiple_of)
+        tok = self._configs.get(key)
+        if tok is not None:
+            return tok
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self._tok.to_str())
+        if trunc:
+            tok.enable_truncation(max_length, strategy=trunc)
+        if pad:
+            tok.enable_padding(pad_id=self.pad_token_id, pad_token=self.pad_token, pad_type_id=0,
+                               length=max_length if pad == "max_length" else None,
+                               pad_to_multiple_of=pad_to_multiple_of)
+        with self._lock:
+            if len(self._configs) >= 64:  # many distinct max_length values: start over
+                self._configs.clear()
+            return self._configs.setdefault(key, tok)
 
     def _strategies(self, padding, truncation, max_length, pad_to_multiple_of):
         """(padding: None/"longest"/"max_length", truncation: None/strategy, max_length), as transformers decides."""

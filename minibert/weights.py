@@ -142,8 +142,10 @@ def read_safetensors(files: Iterable[Path]) -> Dict[str, np.ndarray]:
                         bf16.append(k)
                     elif dt in _NP_DTYPES:
                         mapped.append(k)
-                    else:
-                        tensors[k] = f.get_tensor(k)
+                    else:  # float8, 4-bit, complex...: no NumPy array to make of them
+                        raise CheckpointError(
+                            f"tensor {k!r} in {path.name} has dtype {dt}; minibert reads "
+                            f"{', '.join(['BF16', *_NP_DTYPES])} (floating-point weights: F64, F32, F16, BF16)")
             tensors.update(_map_file(path, mapped))
             if bf16:
                 wanted = set(bf16)

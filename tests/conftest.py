@@ -3,6 +3,12 @@ all-MiniLM-L6-v2, and the one tolerance table."""
 from __future__ import annotations
 
 import os
+import sys
+
+# `python -m pytest` puts the repository root first on sys.path, where kernels/ (installed only as
+# minibert.kernels) would shadow PyPI's `kernels` package, which transformers imports: move it last.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _root] + [_root]
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -107,69 +107,6 @@ def test_model_benchmark_shape_subsets():
             parse_shapes(bad)
 
 
-def test_pool_benchmark_runs_every_setting_in_its_own_process(tmp_path):
-    """Shared pool (pinned and not, woken early and not) against OpenBLAS's own, and a --spin
-    variant, each timed back to back and after each pause; the JSON says per setting whether the
-    shared pool, the pinning and the early wake were really in use."""
-    out = tmp_path / "p.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--model", "minilm", "--shapes", "1x16,2x64",
-                        "--spin", "5000", "--repeats", "2", "--rounds", "1", "--gap", "0.01,0.02", "--hog", "0.3",
-                        "--output", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    data = json.loads(out.read_text())
-    got = {(row["shape"], row["setting"]): row for row in data["results"]}
-    settings = {"shared", "shared, no early wake", "shared, unpinned", "own pools", "shared, GOMP_SPINCOUNT=5000"}
-    assert set(got) == {(s, k) for s in ("(1, 16)", "(2, 64)") for k in settings}
-    assert data["gaps_s"] == [0.01, 0.02] and data["hog"] == 0.3
-    for (shape, setting), row in got.items():
-        assert row["back_to_back_ms"] > 0 and row["samples"] == 2
-        assert set(row["after_pause_ms"]) == {"0.01", "0.02"} and min(row["after_pause_ms"].values()) > 0
-        assert row["shared_pool"] is (setting != "own pools") or not got[(shape, "shared")]["shared_pool"]
-        assert row["pinned"] is (setting != "shared, unpinned") or not got[(shape, "shared")]["pinned"]
-        assert row["woken_early"] is (setting not in ("shared, unpinned", "shared, no early wake")) \
-            or not got[(shape, "shared")]["woken_early"]
-    assert "after 0.01 s" in r.stdout
-
-
-def test_pool_rejects_a_hog_share_out_of_range():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--hog", "1.5"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode != 0 and "--hog 1.5: expected a share of one CPU between 0 and 1" in r.stderr, r.stderr
-
-
-def test_pool_after_probe_times_a_product_after_a_pass_per_spin_count(tmp_path):
-    out = tmp_path / "a.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--after", "--spin", "1000", "--repeats", "3",
-                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
-    assert [row["spin"] for row in rows] == ["default", 1000]
-    assert all(row["right_after_ms"] > 0 and row["after_50ms_ms"] > 0 for row in rows)
-
-
-def test_pool_wake_probe_times_the_first_region_after_each_pause(tmp_path):
-    out = tmp_path / "w.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.pool", "--wake", "--output", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
-    assert [row["pause_s"] for row in rows] == sorted(row["pause_s"] for row in rows) and len(rows) >= 5
-    for key in ("first_region_us", "second_region_us", "pinned_first_region_us", "pinned_second_region_us"):
-        assert all(row[key] > 0 for row in rows), key
-
-
-def test_pool_benchmark_rejects_bad_shapes_and_spins():
-    for args, msg in ((["--shapes", "0x16"], "--shapes '0x16': expected positive"),
-                      (["--shapes", "1x"], "--shapes '1x': expected positive"),
-                      (["--spin", "fast"], "--spin 'fast': expected comma-separated non-negative integers"),
-                      (["--gap", "0"], "--gap '0': expected comma-separated pauses in seconds"),
-                      (["--gap", "0.3,soon"], "--gap '0.3,soon': expected comma-separated pauses")):
-        r = subprocess.run([sys.executable, "-m", "benchmarks.pool", *args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
-
-
 def test_kernel_benchmark_reports_a_version_that_disagrees_and_does_not_time_it(monkeypatch, capsys):
     from benchmarks import kernels
 

@@ -270,3 +270,37 @@ def test_float64_is_closer_to_transformers_float64_than_float32(tiny_dir):
     d64 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float64", skip_padding=False)(ids, mask).last_hidden_state - theirs).max()
     d32 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float32", skip_padding=False)(ids, mask).last_hidden_state - theirs).max()
     assert d64 < 1e-10 < d32, f"float64 diff {d64:.2e}, float32 diff {d32:.2e}"
+
+
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+@pytest.mark.parametrize("where", ["word_embeddings", "query_weight", "key_inf"])
+def test_nan_weights_propagate_as_in_transformers(tmp_path, kernels, where):
+    """A NaN weight gives NaN exactly where transformers has NaN, the other values as usual, and no
+    exception from inside a kernel."""
+    import torch
+    import transformers
+
+    from conftest import TINY, randomize
+
+    hf = randomize(transformers.BertModel(transformers.BertConfig(**TINY))).eval()
+    with torch.no_grad():
+        if where == "word_embeddings":  # token 7's row: only the sequences holding it turn NaN
+            hf.embeddings.word_embeddings.weight[7, 3] = float("nan")
+        elif where == "query_weight":  # one query feature of layer 1: every score NaN from there on
+            hf.encoder.layer[1].attention.self.query.weight[5, :] = float("nan")
+        else:  # infinite keys: inf - inf in the scores
+            hf.encoder.layer[0].attention.self.key.weight[:, 2] = float("inf")
+    hf.save_pretrained(tmp_path)
+    ref = hf_model(tmp_path)
+    ids = np.random.default_rng(0).integers(10, 99, size=(3, 9))
+    ids[1, 4] = 7
+    mask = np.ones_like(ids)
+    mask[2, 6:] = 0
+    theirs = hf_forward(ref, input_ids=ids, attention_mask=mask)
+    ours = BertModel.from_pretrained(tmp_path, kernels=kernels, skip_padding=False)(ids, mask)
+    for name in ("last_hidden_state", "pooler_output"):
+        a, b = getattr(ours, name), getattr(theirs, name).numpy()
+        assert np.isnan(b).any(), f"{name}: the case puts no NaN in transformers' output"
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{name}: NaN in other places")
+        ok = ~np.isnan(b)
+        assert_close(a[ok], b[ok], TOL["fp32"], f"{name} where finite")

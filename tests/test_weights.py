@@ -300,3 +300,18 @@ def test_release_pages_really_drops_the_pages_of_a_loaded_tensor(tmp_path):
     after = _mapped_rss_kb(path)
     assert after < before - 7000, f"resident kB of the mapping: {before} before release, {after} after"
     assert float(arr.sum(dtype=np.float64)) == total
+
+
+def test_float8_tensor_is_a_checkpoint_error_naming_tensor_and_dtypes(tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    for f in ("config.json",):
+        shutil.copy(tiny_dir / f, tmp_path / f)
+    tensors = load_torch(str(tiny_dir / "model.safetensors"))
+    name = "encoder.layer.0.output.dense.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_torch(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' in model.safetensors has dtype F8_E4M3; "
+                                              r"minibert reads .*F32"):
+        BertModel.from_pretrained(tmp_path)
