@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import weakref
 from operator import is_
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
