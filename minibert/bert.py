@@ -146,18 +146,18 @@ class BertModel(Module):
             capture=None, skip_padding: Optional[bool] = None) -> Dict:
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
         ``skip_padding`` None: the model's ``skip_padding``."""
-        runtime.enter()
         c = self.config
         tap = self._taps(capture)
         ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
-        return F.bert(
-            self._params, ids, mask, tt, pos,
-            n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
-            output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
-            output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
-            tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
-            plans=self._plans,
-        )
+        with runtime.running():
+            return F.bert(
+                self._params, ids, mask, tt, pos,
+                n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
+                output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+                output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
+                tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
+                plans=self._plans,
+            )
 
     def tap_names(self) -> List[str]:
         """Every name ``capture=`` accepts, in the order the forward pass reaches them:

@@ -22,9 +22,9 @@ class Module:
     _param_names: Tuple[str, ...] = ()
 
     def __call__(self, *args, **kwargs):
-        """``forward``, after the runtime's checks (minibert.runtime.enter), as torch's nn.Module."""
-        runtime.enter()
-        return self.forward(*args, **kwargs)
+        """``forward`` inside the runtime's call boundary (minibert.runtime.running), as torch's nn.Module."""
+        with runtime.running():
+            return self.forward(*args, **kwargs)
 
     def __init__(self, params: Dict | None = None):
         object.__setattr__(self, "_params", params if params is not None else {})

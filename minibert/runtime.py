@@ -2,16 +2,19 @@
 when they load, the thread count, malloc's thresholds, and what a forked child may do.
 
 model.py and kernels/ import nothing from here. :func:`configure` runs once, when minibert is
-imported; :func:`enter` runs at the start of every model or module call (``Module.__call__``).
-docs/runtime.md lists every environment variable minibert reads or sets.
+imported; every model or module call runs inside :func:`running` (``Module.__call__``,
+``BertModel.run``). docs/runtime.md lists every environment variable minibert reads or sets.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import sys
-from typing import Optional
+import tempfile
+import threading
+from typing import Dict, List, Optional, Tuple
 
 # Numba's OpenMP workers busy-wait this many iterations (~0.25 ms here) after a parallel region
 # before sleeping: long enough to stay awake from one kernel of a pass to the next, short enough
@@ -52,7 +55,8 @@ def configure() -> None:
         numba = sys.modules.get("numba")
         if numba is not None:  # imported before minibert: its config has read the environment already
             numba.config.THREADING_LAYER_PRIORITY = LAYER_PRIORITY.split()
-    switch("MINIBERT_KEEP_FREED_MEMORY")  # a mistyped value fails at import, not in the first call
+    for name in ("MINIBERT_KEEP_FREED_MEMORY", "MINIBERT_PIN_THREADS"):
+        switch(name)  # a mistyped value fails at import, not in the first call
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_after_fork_in_child)
 
@@ -82,6 +86,42 @@ def _after_fork_in_child() -> None:
     global _forked_from
     if _forked_from is None and _openmp_started():
         _forked_from = os.getppid()
+    global _lock, _state
+    for fd in _claims.values():  # the parent's claims on CPUs stay the parent's
+        os.close(fd)
+    _claims.clear()
+    _lock, _state, _busy[0] = threading.Lock(), _Depth(), 0  # only the forking thread lives on
+
+
+class running:
+    """``with running():`` around a call: :func:`enter`, and for the outermost call in the
+    process, the pass's threads on CPUs of their own (see :func:`_pin`)."""
+
+    __slots__ = ("restore",)
+
+    def __enter__(self):
+        enter()
+        self.restore = None
+        if _state.depth == 0:
+            with _lock:
+                outermost = _busy[0] == 0
+                _busy[0] += 1
+            try:
+                self.restore = _pin() if outermost else False
+            except BaseException:
+                with _lock:
+                    _busy[0] -= 1
+                raise
+        _state.depth += 1
+
+    def __exit__(self, *exc):
+        _state.depth -= 1
+        if self.restore is None:
+            return
+        if self.restore:
+            os.sched_setaffinity(0, self.restore)
+        with _lock:
+            _busy[0] -= 1
 
 
 def enter() -> None:
@@ -94,6 +134,139 @@ def enter() -> None:
             "get_context('spawn')), or fork before the first forward pass")
     if _malloc is None:
         keep_freed_memory()
+
+
+# -- pinning --------------------------------------------------------------------------------------
+# On these virtual machines a Numba worker woken after a pause (longer than GOMP_SPINCOUNT) was often
+# queued on the CPU of the thread that woke it, which then spun at the end of the region waiting for
+# it: MiniLM (1, 16) after 0.3 s idle took 15 ms instead of 4.5. So a pass's workers each run on a
+# CPU of their own, and for the pass the calling thread runs on the others. Off when the user binds
+# OpenMP threads, with MINIBERT_PIN_THREADS=0, or when another process already pinned onto one of
+# those CPUs (each process claims its CPUs with a lock file, held until it exits).
+USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+_lock = threading.Lock()
+_busy = [0]  # outermost calls running in the process; only one at a time pins
+_claims: Dict[int, int] = {}  # CPU -> fd of its lock file, held while the process lives
+
+
+class _Depth(threading.local):
+    depth = 0  # nested calls (a task head calls BertModel.run) running on this thread
+
+    def __init__(self):
+        self.teams: Dict[int, Optional[Tuple[int, ...]]] = {}  # n -> this thread's team's CPUs, caller's first
+
+
+_state = _Depth()
+
+
+def _pin():
+    """Pin this thread's team of workers (once per team) and move the caller onto its own CPU:
+    returns the caller's CPUs to restore after the pass, or False when nothing was pinned."""
+    n, teams = _num_threads(), _state.teams
+    if n not in teams:
+        teams[n] = _plan_team(n)
+    cpus = teams[n]
+    if cpus is None:
+        return False
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus[:1])
+    return before
+
+
+def _num_threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _plan_team(n: int) -> Optional[Tuple[int, ...]]:
+    if (n < 2 or not switch("MINIBERT_PIN_THREADS") or any(os.environ.get(v) for v in USER_BINDING)
+            or not hasattr(os, "sched_setaffinity") or not _omp_layer()):
+        return None
+    tids = _team_tids(n)
+    cpus = _claim(n) if tids is not None else None
+    if cpus is None:
+        return None
+    try:
+        for tid, cpu in zip(tids[1:], cpus[1:]):
+            os.sched_setaffinity(tid, {cpu})
+    except OSError:
+        return None
+    return cpus
+
+
+def _omp_layer() -> bool:
+    try:
+        import numba
+
+        _team_tids(1)  # starts the threading layer if no kernel has yet
+        return numba.threading_layer() == "omp"
+    except (ValueError, ImportError, OSError, AttributeError):
+        return False
+
+
+_record_tids = None  # the kernel of _team_tids, compiled at first use
+
+
+def _team_tids(n: int) -> Optional[List[int]]:
+    """The Linux thread ids of the calling thread's team of ``n`` (index 0: the caller), or None."""
+    global _record_tids
+    import numpy as np
+
+    if _record_tids is None:
+        from numba import get_thread_id, njit, prange
+
+        gettid = ctypes.CDLL(None).gettid  # glibc 2.30+
+        gettid.argtypes, gettid.restype = [], ctypes.c_int
+
+        @njit(parallel=True)
+        def record(out):
+            for _ in prange(out.shape[0]):
+                out[get_thread_id()] = gettid()
+
+        _record_tids = record
+    out = np.zeros(n, dtype=np.int64)
+    _record_tids(out)
+    tids = [int(t) for t in out]
+    if tids[0] != threading.get_native_id() or 0 in tids or len(set(tids)) != n:
+        return None  # some thread ran no iteration: leave the team as it is
+    return tids
+
+
+def _claim(n: int) -> Optional[Tuple[int, ...]]:
+    """``n`` CPUs of this thread's allowed ones that no other process has pinned onto, one per
+    physical core first; each held with a lock file until the process exits. None if there are not n."""
+    folder = os.path.join(tempfile.gettempdir(), "minibert-cpus")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    for cpu in sorted(os.sched_getaffinity(0) - set(_claims), key=_core_first):
+        if len(_claims) >= n:
+            break
+        try:
+            fd = os.open(os.path.join(folder, str(cpu)), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process holds it
+            os.close(fd)
+            continue
+        _claims[cpu] = fd
+    allowed = os.sched_getaffinity(0)
+    mine = [cpu for cpu in _claims if cpu in allowed]
+    return tuple(mine[:n]) if len(mine) >= n else None
+
+
+def _core_first(cpu: int):
+    """Sort key: the first CPU of each physical core before its SMT siblings."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+            first = int(f.read().replace("-", ",").split(",")[0])
+    except (OSError, ValueError):
+        first = cpu
+    return (cpu != first, cpu)
 
 
 # -- threads ---------------------------------------------------------------------------------------

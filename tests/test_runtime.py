@@ -164,6 +164,48 @@ def test_tokenizer_from_many_threads(minilm_dir):
     assert not wrong, f"{len(wrong)} calls got another call's settings, e.g. {wrong[:3]}"
 
 
+# -- pinning -------------------------------------------------------------------------------------------
+PIN_PROBE = """
+    import fcntl, os, sys, numpy as np, minibert
+    from minibert import runtime
+    model = minibert.BertModel.from_pretrained(sys.argv[1])
+    before = os.sched_getaffinity(0)
+    model(np.arange(24).reshape(2, 12) % 99)
+    cpus = runtime._state.teams.get(2)
+    print("restored", os.sched_getaffinity(0) == before)
+    print("team", cpus)
+    tids = runtime._team_tids(2) or []
+    print("workers", [sorted(os.sched_getaffinity(t)) for t in tids[1:]])
+    sys.stdout.flush()
+    if len(sys.argv) > 2:  # hold the claims until told to go
+        sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_a_pass_pins_its_workers_and_two_processes_never_share_cpus(tiny_dir, tmp_path):
+    """The first process pins each worker to a CPU of its own and gives the caller its CPUs back
+    after the pass; a second process finds the CPUs claimed and runs unpinned; =0 turns it off."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}  # a claims folder of this test's own
+    probe = [sys.executable, "-c", textwrap.dedent(PIN_PROBE), str(tiny_dir)]
+    first = subprocess.Popen(probe + ["hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = [first.stdout.readline() for _ in range(3)]
+        assert lines[0].strip() == "restored True", lines
+        team = eval(lines[1].split(" ", 1)[1])
+        assert team is not None and len(set(team)) == 2, lines
+        assert eval(lines[2].split(" ", 1)[1]) == [[team[1]]], lines  # the worker on the team's second CPU only
+        second = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=300)
+        assert "restored True" in second.stdout and "team None" in second.stdout, second.stdout + second.stderr
+    finally:
+        first.communicate("go\n", timeout=60)
+    off = subprocess.run(probe, capture_output=True, text=True, timeout=300,
+                         env={**env, "MINIBERT_PIN_THREADS": "0"})
+    assert "team None" in off.stdout, off.stdout + off.stderr
+    again = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=300)  # the first one's claims are gone
+    assert "team (" in again.stdout, again.stdout + again.stderr
+
+
 # -- processes -----------------------------------------------------------------------------------------
 def test_fork_after_a_pass_fails_clearly_in_the_child_and_the_parent_goes_on(tiny_dir):
     code, out, err = _python(f"""
