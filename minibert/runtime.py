@@ -87,9 +87,10 @@ def _after_fork_in_child() -> None:
     if _forked_from is None and _openmp_started():
         _forked_from = os.getppid()
     global _lock, _state
-    for fd in _claims.values():  # the parent's claims on CPUs stay the parent's
-        os.close(fd)
-    _claims.clear()
+    for fd in _files.values():  # the parent's claim files stay the parent's
+        if fd is not None:
+            os.close(fd)
+    _files.clear()
     _lock, _state, _busy[0] = threading.Lock(), _Depth(), 0  # only the forking thread lives on
 
 
@@ -97,17 +98,17 @@ class running:
     """``with running():`` around a call: :func:`enter`, and for the outermost call in the
     process, the pass's threads on CPUs of their own (see :func:`_pin`)."""
 
-    __slots__ = ("restore",)
+    __slots__ = ("pinned",)
 
     def __enter__(self):
         enter()
-        self.restore = None
+        self.pinned = None
         if _state.depth == 0:
             with _lock:
                 outermost = _busy[0] == 0
                 _busy[0] += 1
             try:
-                self.restore = _pin() if outermost else False
+                self.pinned = _pin() if outermost else False
             except BaseException:
                 with _lock:
                     _busy[0] -= 1
@@ -116,10 +117,12 @@ class running:
 
     def __exit__(self, *exc):
         _state.depth -= 1
-        if self.restore is None:
+        if self.pinned is None:
             return
-        if self.restore:
-            os.sched_setaffinity(0, self.restore)
+        if self.pinned:
+            before, cpus = self.pinned
+            os.sched_setaffinity(0, before)
+            _release(cpus)
         with _lock:
             _busy[0] -= 1
 
@@ -139,38 +142,65 @@ def enter() -> None:
 # -- pinning --------------------------------------------------------------------------------------
 # On these virtual machines a Numba worker woken after a pause (longer than GOMP_SPINCOUNT) was often
 # queued on the CPU of the thread that woke it, which then spun at the end of the region waiting for
-# it: MiniLM (1, 16) after 0.3 s idle took 15 ms instead of 4.5. So a pass's workers each run on a
-# CPU of their own, and for the pass the calling thread runs on the others. Off when the user binds
-# OpenMP threads, with MINIBERT_PIN_THREADS=0, or when another process already pinned onto one of
-# those CPUs (each process claims its CPUs with a lock file, held until it exits).
+# it: MiniLM (1, 16) after 0.3 s idle took 15 ms instead of 4.5. So during a pass each worker runs
+# on a CPU of its own and the calling thread on another, CPUs the pass claims with a lock file each
+# so that no other process pins onto them meanwhile (it then runs as it is). Off when the user binds
+# OpenMP threads, or with MINIBERT_PIN_THREADS=0.
 USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
 _lock = threading.Lock()
 _busy = [0]  # outermost calls running in the process; only one at a time pins
-_claims: Dict[int, int] = {}  # CPU -> fd of its lock file, held while the process lives
+_files: Dict[int, Optional[int]] = {}  # CPU -> fd of its claim file (None: cannot be opened)
+
+
+class _Team:
+    """A thread's OpenMP team of n: its threads' ids (the caller first), the CPUs it may use in
+    the order to claim them, and the CPUs its workers are pinned to now (None: not pinned)."""
+
+    __slots__ = ("tids", "order", "pinned")
+
+    def __init__(self, tids, order):
+        self.tids, self.order, self.pinned = tids, order, None
 
 
 class _Depth(threading.local):
     depth = 0  # nested calls (a task head calls BertModel.run) running on this thread
 
     def __init__(self):
-        self.teams: Dict[int, Optional[Tuple[int, ...]]] = {}  # n -> this thread's team's CPUs, caller's first
+        self.teams: Dict[int, Optional[_Team]] = {}  # n -> this thread's team of n, None: not pinned
 
 
 _state = _Depth()
 
 
 def _pin():
-    """Pin this thread's team of workers (once per team) and move the caller onto its own CPU:
-    returns the caller's CPUs to restore after the pass, or False when nothing was pinned."""
+    """Claim CPUs for this pass and put the team on them: each worker on one, the caller on
+    another. Returns (the caller's CPUs before, the claimed CPUs), or False to run as it is."""
     n, teams = _num_threads(), _state.teams
     if n not in teams:
         teams[n] = _plan_team(n)
-    cpus = teams[n]
-    if cpus is None:
+    team = teams[n]
+    if team is None:
         return False
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus[:1])
-    return before
+    cpus = _acquire(team.order, n)
+    try:
+        if cpus is None:  # another process has these CPUs: let the workers go where the OS puts them
+            if team.pinned is not None:
+                team.pinned = None
+                for tid in team.tids[1:]:
+                    os.sched_setaffinity(tid, team.order)
+            return False
+        if team.pinned != cpus:
+            for tid, cpu in zip(team.tids[1:], cpus[1:]):
+                os.sched_setaffinity(tid, {cpu})
+            team.pinned = cpus
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus[:1])
+    except OSError:  # a worker gone (its team was rebuilt): plan it again on the next pass
+        del teams[n]
+        if cpus is not None:
+            _release(cpus)
+        return False
+    return before, cpus
 
 
 def _num_threads() -> int:
@@ -179,20 +209,13 @@ def _num_threads() -> int:
     return int(numba.get_num_threads())
 
 
-def _plan_team(n: int) -> Optional[Tuple[int, ...]]:
+def _plan_team(n: int) -> Optional[_Team]:
     if (n < 2 or not switch("MINIBERT_PIN_THREADS") or any(os.environ.get(v) for v in USER_BINDING)
             or not hasattr(os, "sched_setaffinity") or not _omp_layer()):
         return None
-    tids = _team_tids(n)
-    cpus = _claim(n) if tids is not None else None
-    if cpus is None:
-        return None
-    try:
-        for tid, cpu in zip(tids[1:], cpus[1:]):
-            os.sched_setaffinity(tid, {cpu})
-    except OSError:
-        return None
-    return cpus
+    order = sorted(os.sched_getaffinity(0), key=_core_first)
+    tids = _team_tids(n) if len(order) >= n else None
+    return None if tids is None else _Team(tids, order)
 
 
 def _omp_layer() -> bool:
@@ -233,30 +256,39 @@ def _team_tids(n: int) -> Optional[List[int]]:
     return tids
 
 
-def _claim(n: int) -> Optional[Tuple[int, ...]]:
-    """``n`` CPUs of this thread's allowed ones that no other process has pinned onto, one per
-    physical core first; each held with a lock file until the process exits. None if there are not n."""
-    folder = os.path.join(tempfile.gettempdir(), "minibert-cpus")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return None
-    for cpu in sorted(os.sched_getaffinity(0) - set(_claims), key=_core_first):
-        if len(_claims) >= n:
-            break
-        try:
-            fd = os.open(os.path.join(folder, str(cpu)), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
+def _acquire(order, n: int) -> Optional[Tuple[int, ...]]:
+    """Lock the claim files of the first ``n`` CPUs in ``order`` that no other process holds (a
+    CPU's file is ``$TMPDIR/minibert-cpus/N``); None, with nothing held, if there are not n."""
+    got = []
+    for cpu in order:
+        fd = _files.get(cpu, -1)
+        if fd == -1:
+            fd = _files[cpu] = _open_claim(cpu)
+        if fd is None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another process holds it
-            os.close(fd)
+        except OSError:  # another process is running a pass on it
             continue
-        _claims[cpu] = fd
-    allowed = os.sched_getaffinity(0)
-    mine = [cpu for cpu in _claims if cpu in allowed]
-    return tuple(mine[:n]) if len(mine) >= n else None
+        got.append(cpu)
+        if len(got) == n:
+            return tuple(got)
+    _release(got)
+    return None
+
+
+def _release(cpus) -> None:
+    for cpu in cpus:
+        fcntl.flock(_files[cpu], fcntl.LOCK_UN)
+
+
+def _open_claim(cpu: int) -> Optional[int]:
+    folder = os.path.join(tempfile.gettempdir(), "minibert-cpus")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return os.open(os.path.join(folder, str(cpu)), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
 
 
 def _core_first(cpu: int):

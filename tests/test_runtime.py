@@ -171,39 +171,59 @@ PIN_PROBE = """
     model = minibert.BertModel.from_pretrained(sys.argv[1])
     before = os.sched_getaffinity(0)
     model(np.arange(24).reshape(2, 12) % 99)
-    cpus = runtime._state.teams.get(2)
+    team = runtime._state.teams.get(2)
     print("restored", os.sched_getaffinity(0) == before)
-    print("team", cpus)
+    print("pinned", team and team.pinned)
     tids = runtime._team_tids(2) or []
     print("workers", [sorted(os.sched_getaffinity(t)) for t in tids[1:]])
-    sys.stdout.flush()
-    if len(sys.argv) > 2:  # hold the claims until told to go
-        sys.stdin.readline()
+    free = []
+    for name in sorted(os.listdir(os.path.join(os.environ["TMPDIR"], "minibert-cpus"))):
+        fd = os.open(os.path.join(os.environ["TMPDIR"], "minibert-cpus", name), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free.append(int(name))
+        except OSError:
+            pass
+    print("free after the pass", free)
 """
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
-def test_a_pass_pins_its_workers_and_two_processes_never_share_cpus(tiny_dir, tmp_path):
-    """The first process pins each worker to a CPU of its own and gives the caller its CPUs back
-    after the pass; a second process finds the CPUs claimed and runs unpinned; =0 turns it off."""
-    env = {**os.environ, "TMPDIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}  # a claims folder of this test's own
-    probe = [sys.executable, "-c", textwrap.dedent(PIN_PROBE), str(tiny_dir)]
-    first = subprocess.Popen(probe + ["hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+def test_a_pass_pins_its_workers_on_cpus_no_other_process_holds(tiny_dir, tmp_path):
+    """A pass claims two CPUs, pins the worker to one and the caller to the other, and gives the
+    caller's CPUs and the claims back afterwards; CPUs another process holds are never pinned onto
+    (the pass runs as it is); MINIBERT_PIN_THREADS=0 turns it off."""
+    import fcntl
+
+    env = {"TMPDIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}  # a claims folder of this test's own
+    probe = textwrap.dedent(PIN_PROBE) + "\n"
+
+    def run_probe(**extra):
+        r = subprocess.run([sys.executable, "-c", probe, str(tiny_dir)], capture_output=True, text=True,
+                           env={**os.environ, **env, **extra}, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return dict(line.split(" ", 1) if not line.startswith("free") else ("free", line[len("free after the pass "):])
+                    for line in r.stdout.splitlines())
+
+    out = run_probe()
+    assert out["restored"] == "True", out
+    pinned = eval(out["pinned"])
+    assert pinned is not None and len(set(pinned)) == 2, out
+    assert eval(out["workers"]) == [[pinned[1]]], out  # the worker on the second claimed CPU only
+    assert set(eval(out["free"])) >= set(pinned), out  # the claims end with the pass
+
+    held = []  # this process holds every CPU's claim, as a process in the middle of a pass would
+    for cpu in os.sched_getaffinity(0):
+        fd = os.open(str(tmp_path / "minibert-cpus" / str(cpu)), os.O_RDONLY | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(fd)
     try:
-        lines = [first.stdout.readline() for _ in range(3)]
-        assert lines[0].strip() == "restored True", lines
-        team = eval(lines[1].split(" ", 1)[1])
-        assert team is not None and len(set(team)) == 2, lines
-        assert eval(lines[2].split(" ", 1)[1]) == [[team[1]]], lines  # the worker on the team's second CPU only
-        second = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=300)
-        assert "restored True" in second.stdout and "team None" in second.stdout, second.stdout + second.stderr
+        out = run_probe()
+        assert out["restored"] == "True" and out["pinned"] == "None", out
     finally:
-        first.communicate("go\n", timeout=60)
-    off = subprocess.run(probe, capture_output=True, text=True, timeout=300,
-                         env={**env, "MINIBERT_PIN_THREADS": "0"})
-    assert "team None" in off.stdout, off.stdout + off.stderr
-    again = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=300)  # the first one's claims are gone
-    assert "team (" in again.stdout, again.stdout + again.stderr
+        for fd in held:
+            os.close(fd)
+    assert run_probe(MINIBERT_PIN_THREADS="0")["pinned"] == "None"
 
 
 # -- processes -----------------------------------------------------------------------------------------
