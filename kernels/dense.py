@@ -1,6 +1,6 @@
 """The encoder's dense layers whole: the product, its bias and what follows it, in one kernel.
 
-Two ops, each with its reference and a Numba version of the same signature:
+Two ops, each with its reference and Numba versions of the same signature:
 - ``dense_act(x, weight, bias, act=None) -> act(x·Wᵀ + bias)``, x [N, in], weight [out, in] (the
   checkpoint's nn.Linear layout), bias [out], y [N, out]. ``act`` None adds the bias only (Q/K/V,
   the pooler before its tanh); else the name of an activation op, "gelu", "gelu_tanh", "relu"
@@ -9,36 +9,15 @@ Two ops, each with its reference and a Numba version of the same signature:
   LayerNorm((x·Wᵀ + bias) + residual)``, residual [N, out], ln_weight and ln_bias [out]:
   BertSelfOutput and BertOutput (post-LN), the adds rounded in transformers' order.
 
-Versions:
+Versions (docs/kernels.md has the measurements):
 - ``numpy``: the reference: the gemm reference, then the activation's or LayerNorm's reference.
-- ``numba``: the two kernels of the "numba" set, as the model ran them before this file: the
-  default gemm, then the default activation (bias fused) or LayerNorm (bias and residual fused).
-  Kept as the baseline the fused version is measured against.
-- ``numba_packed`` (default): gemm/numba_packed's kernel (kernels/gemm.py) with an epilogue, so
-  a dense layer is one parallel region instead of two. Each task adds the bias and applies the
-  activation to the tile it has just written, while it is in L1 (the same ``act_row`` as the
-  activation kernels, activations.py). For the LayerNorm, whose rows need every panel, the task
-  that finishes the last panel of a row block (an atomic count per block) normalizes that
-  block's rows (the same ``ln_row`` as layernorm.py), also from cache. Why: at a few rows the
-  separate pass was mostly the cost of a region of its own, and of its Python call: the
-  activation of MiniLM's FFN at [16, 1536] took ~13 µs, its LayerNorm at [16, 384] ~6 µs,
-  three such passes a layer. Same numbers as the two-kernel path: the product is the same
-  kernel's, and the epilogue runs the activation and LayerNorm kernels' own row code.
-  Measured (dense_act with GELU, weights in cache, median ms, two kernels / fused): bert-base's
-  FFN [N, 768] x [3072, 768]ᵀ at N = 16 0.435 / 0.422, 128 3.29 / 3.27, 256 6.55 / 6.58,
-  512 13.0 / 13.4, 1024 26.2 / 27.3; MiniLM's [N, 384] x [1536, 384]ᵀ at 16 0.128 / 0.118,
-  128 0.899 / 0.878, 512 3.56 / 3.59. The activation of a 24-column tile row costs more than
-  in a pass over whole rows (the vector loop's set-up and tail, once per 24 elements), which
-  the saved region outweighs only for a few rows; so above ``ACT_EPILOGUE_ROWS`` rows the
-  activation runs as a pass of its own, with the bias (added per tile in the epilogue instead it
-  cost ~1 ms more there: [1024, 768] x [3072, 768]ᵀ, medians of 9 interleaved on a loaded machine,
-  product alone 27.1 ms, with the bias epilogue 28.5; product then bias + GELU pass 28.6, bias
-  epilogue then GELU pass 30.0). The bias alone (Q/K/V) stays in the epilogue at every N (a pass
-  of its own would read and write the output again), and so does the LayerNorm (once per whole
-  row; 1024 rows: 25.9 ms both ways when measured).
-  Weights that gemm does not pack (writable ones, other dtypes) and strided ``x`` take the two
-  kernels of the "numba" set instead: the default gemm, then the default activation or
-  LayerNorm with the bias fused.
+- ``numba``: the default gemm, then the default activation or LayerNorm with the bias fused: two
+  kernels, the baseline the fused version is measured against.
+- ``numba_packed`` (default): gemm's numba_packed with an epilogue, one parallel region instead of
+  two: bias (and the activation, up to ``ACT_EPILOGUE_ROWS`` rows) on each tile while it is in
+  L1; bias + residual + LayerNorm by the task that finishes a row block's last panel. The epilogue
+  runs the activation and LayerNorm kernels' own row code, so the numbers are the two kernels'.
+  Weights gemm does not pack (writable, other dtypes) and strided ``x`` take the ``numba`` path.
 """
 from __future__ import annotations
 
@@ -170,10 +149,9 @@ class Prepared:
     """One dense layer of the model with its epilogue, ready to run: ``layer(x)`` is
     ``dense_act(x, weight, bias, act)`` and ``layer(x, residual)`` (made with ``ln``) is
     ``dense_layernorm(x, weight, bias, residual, *ln)``, the same code on the same arguments
-    without the per-call checks and lookups. For minibert.model's layer plans, which check on
-    every pass that the arrays a Prepared was made from are still the layer's (and ``weight``
-    still read-only). ``x`` (and ``residual``) must be C-contiguous [N, in] ([N, out]) of the
-    weight's dtype. Make one with :func:`prepare`."""
+    without the per-call checks and lookups. minibert.model makes one per dense layer at load and
+    when a weight is assigned. ``x`` (and ``residual``) must be C-contiguous [N, in] ([N, out]) of
+    the weight's dtype. Make one with :func:`prepare`."""
 
     __slots__ = ("weight", "panels", "bias", "act", "ln")
 

@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import os
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from . import model as F
-from . import runtime
+from . import runtime, taps
 from .config import ACTIVATIONS, BertConfig
 from .hub import resolve_model_dir
 from .inputs import prepare_inputs
 from .kernels import select
 from .modules import BertEmbeddings, BertEncoder, BertPooler, Module
 from .outputs import BaseModelOutputWithPooling
-from .weights import load_weights, release_pages
+from .weights import load_weights, nest, release_pages
 
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -60,7 +59,7 @@ def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir
 def _fuse_qkv(p):
     """Q, K and V of one layer as one GEMM: concatenate the weights (and biases) once and point
     query/key/value at row blocks of the result, so they stay in memory once; the file pages the
-    originals were read from are handed back to the OS."""
+    originals were read from are handed back to the OS. Returns the (weight, bias) made."""
     w, b = F.fuse_qkv(p["query"], p["key"], p["value"])
     old = [p[n]["weight"] for n in ("query", "key", "value")]
     if not any(p[n][t].flags.writeable for n in ("query", "key", "value") for t in ("weight", "bias")):
@@ -69,6 +68,7 @@ def _fuse_qkv(p):
     for i, n in enumerate(("query", "key", "value")):
         p[n]["weight"], p[n]["bias"] = w[i * H:(i + 1) * H], b[i * H:(i + 1) * H]
     release_pages(*old)
+    return w, b
 
 
 class BertModel(Module):
@@ -84,9 +84,8 @@ class BertModel(Module):
                  skip_padding: bool = True):
         """``params``: ``{checkpoint name: array}`` as :func:`minibert.weights.load_weights` returns.
         ``skip_padding``: see :meth:`from_pretrained`."""
-        nested = F.nest(params)
-        for lp in nested["encoder"]["layer"]:
-            _fuse_qkv(lp["attention"]["self"])
+        nested = nest(params)
+        fused = [_fuse_qkv(lp["attention"]["self"]) for lp in nested["encoder"]["layer"]]
         super().__init__(nested)
         self.config = config
         self.kernels = kernels
@@ -95,9 +94,8 @@ class BertModel(Module):
         self.heads = heads or {}
         self.name_or_path = name_or_path
         self.skip_padding = bool(skip_padding)
-        self._plans: Dict = {}  # layer plans (model.planned): kernel arguments made once, checked each pass
         self._add("embeddings", BertEmbeddings(nested["embeddings"], config, self._k))
-        self._add("encoder", BertEncoder(nested["encoder"], config, self._k))
+        self._add("encoder", BertEncoder(nested["encoder"], config, self._k, fused))
         if "pooler" in nested:
             self._add("pooler", BertPooler(nested["pooler"], self._k))
 
@@ -147,16 +145,16 @@ class BertModel(Module):
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
         ``skip_padding`` None: the model's ``skip_padding``."""
         c = self.config
-        tap = self._taps(capture)
+        tap = taps.select(capture, self.tap_names()) if capture is not None else None
         ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
+        pooler = self.pooler
         with runtime.running():
             return F.bert(
-                self._params, ids, mask, tt, pos,
-                n_head=c.num_attention_heads, eps=c.layer_norm_eps, act=ACTIVATIONS[c.hidden_act], k=self._k,
+                self._params, [layer.dense for layer in self.encoder.layer], None if pooler is None else pooler._pooler_dense,
+                ids, mask, tt, pos, n_head=c.num_attention_heads, eps=c.layer_norm_eps, k=self._k,
                 output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
                 output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
                 tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
-                plans=self._plans,
             )
 
     def tap_names(self) -> List[str]:
@@ -166,25 +164,4 @@ class BertModel(Module):
         ``.context`` [B, T, H] (heads merged), ``encoder.layer.i.attention.output`` [B, T, H],
         ``encoder.layer.i.intermediate`` [B, T, I], ``encoder.layer.i.output`` [B, T, H];
         ``pooler.dense`` [B, H] (before tanh) when the model has a pooler."""
-        return F.tap_names(self.config.num_hidden_layers, pooler=self.pooler is not None)
-
-    def _taps(self, capture) -> Optional[F.Taps]:
-        if capture is None:
-            return None
-        patterns = [capture] if isinstance(capture, str) else capture
-        try:
-            patterns = list(patterns)
-        except TypeError:
-            raise TypeError(f"capture must be a tap name, a glob pattern or a list of them; got {capture!r}") from None
-        names = self.tap_names()
-        chosen = set()
-        for pat in patterns:
-            if not isinstance(pat, str):
-                raise TypeError(f"capture entries must be strings (tap names or glob patterns); got {pat!r}")
-            hits = [n for n in names if fnmatchcase(n, pat)]
-            if not hits:
-                raise ValueError(f"capture pattern {pat!r} matches no tap; model.tap_names() lists all "
-                                 f"{len(names)}, e.g. {names[1]!r}, 'encoder.layer.*.attention.self.probs'")
-            chosen.update(hits)
-        return F.Taps(chosen)
-
+        return taps.tap_names(self.config.num_hidden_layers, pooler=self.pooler is not None)

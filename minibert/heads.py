@@ -29,7 +29,7 @@ from .outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from .weights import CheckpointError, to_dtype
+from .weights import CheckpointError, nest, to_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class BertPreTrainedModel(Module):
         self._add("bert", bert)
         shapes = self.head_shapes(config)
         flat = self._check_heads(heads, shapes, bert)
-        object.__setattr__(self, "_params", F.nest(flat))
+        object.__setattr__(self, "_params", nest(flat))
         unused = sorted(set(heads) - set(shapes))
         if unused:
             logger.warning("ignoring %d head tensor(s) %s does not use: %s", len(unused), type(self).__name__,

@@ -2,11 +2,13 @@
 
 ``model.encoder.layer[3].attention.self.query.weight`` reads
 ``params["encoder"]["layer"][3]["attention"]["self"]["query"]["weight"]`` — the same array, no
-copy — and assigning to it writes there, so the forward pass sees the change. Each module is
-callable and runs the same function from :mod:`minibert.model` that the forward pass runs.
+copy — and assigning to it writes there and remakes the layer's dense layers
+(:func:`minibert.model.layer_dense`), so the next pass uses the new array. Each module is callable
+and runs the same function from :mod:`minibert.model` that the forward pass runs.
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
@@ -29,6 +31,7 @@ class Module:
     def __init__(self, params: Dict | None = None):
         object.__setattr__(self, "_params", params if params is not None else {})
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_on_change", None)  # called after a parameter is assigned
 
     def __getattr__(self, name):
         d = self.__dict__
@@ -46,6 +49,8 @@ class Module:
             if value.shape != old.shape:
                 raise ValueError(f"{name} must keep shape {old.shape}; got {value.shape}")
             self._params[name] = value.astype(old.dtype, copy=False)
+            if self._on_change is not None:
+                self._on_change()
         elif isinstance(value, Module):
             self._children[name] = value
         else:
@@ -54,6 +59,12 @@ class Module:
     def _add(self, name: str, child: "Module") -> "Module":
         self._children[name] = child
         return child
+
+    def _watch(self, callback) -> None:
+        """Call ``callback()`` after any parameter of this module or below it is assigned."""
+        object.__setattr__(self, "_on_change", callback)
+        for child in self._children.values():
+            child._watch(callback)
 
     def named_children(self) -> Iterator[Tuple[str, "Module"]]:
         return iter(self._children.items())
@@ -177,22 +188,24 @@ class BertEmbeddings(Module):
         return F.embeddings(input_ids, token_type_ids, position_ids, **self._params, eps=self._cfg.layer_norm_eps, k=self._k)
 
 
-def _dense(fn, x, mask, **kw):  # a [B, T, H] batch with its additive mask through an encoder function
+def _on_batch(fn, x, mask, dtype, *args):  # a [B, T, H] batch with its additive mask through an encoder function
     x = np.asarray(x)
     B, T, H = x.shape
-    y, probs = fn(np.ascontiguousarray(x).reshape(B * T, H), F.Batch.dense(np.asarray(mask)), keep_probs=True, **kw)
+    y, probs = fn(np.ascontiguousarray(x, dtype=dtype).reshape(B * T, H), F.Batch.dense(np.asarray(mask, dtype=dtype)),
+                  *args, True)
     return y.reshape(B, T, H), probs
 
 
 class BertSelfAttention(Module):
-    def __init__(self, p, config, k):
+    def __init__(self, p, config, k, dense):
         super().__init__(p)
-        self._cfg, self._k = config, k
+        self._cfg, self._k, self._dense = config, k, dense
         for name in ("query", "key", "value"):
             self._add(name, Linear(p[name]))
 
     def forward(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
-        return _dense(F.self_attention, x, mask, **self._params, n_head=self._cfg.num_attention_heads, k=self._k)
+        return _on_batch(F.self_attention, x, mask, self.query.weight.dtype, self._dense[0].qkv,
+                         self._cfg.num_attention_heads, self._k)
 
 
 class BertSelfOutput(Module):
@@ -203,16 +216,15 @@ class BertSelfOutput(Module):
 
 
 class BertAttention(Module):
-    def __init__(self, p, config, k):
+    def __init__(self, p, config, k, dense):
         super().__init__(p)
-        self._cfg, self._k = config, k
-        self._add("self", BertSelfAttention(p["self"], config, k))
+        self._cfg, self._k, self._dense = config, k, dense
+        self._add("self", BertSelfAttention(p["self"], config, k, dense))
         self._add("output", BertSelfOutput(p["output"], config, k))
 
     def forward(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
-        c = self._cfg
-        return _dense(F.attention_block, x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps,
-                      k=self._k)
+        return _on_batch(F.attention_block, x, mask, self.output.dense.weight.dtype, self._dense[0],
+                         self._cfg.num_attention_heads, self._k)
 
 
 class BertIntermediate(Module):
@@ -231,31 +243,61 @@ class BertOutput(BertSelfOutput):
 
 
 class BertLayer(Module):
-    def __init__(self, p, config, k):
+    """transformers: BertLayer. Holds the layer's dense layers (``dense``, a :class:`minibert.
+    model.LayerDense`), made at load and again whenever a parameter below it is assigned."""
+
+    def __init__(self, p, config, k, fused=None):
         super().__init__(p)
         self._cfg, self._k = config, k
-        self._add("attention", BertAttention(p["attention"], config, k))
+        # Q/K/V's concatenated (weight, bias) from load, while query/key/value are its row blocks
+        self._fused = fused
+        self._fused_parts = self._qkv_parts() if fused is not None else None
+        self._dense = [None]  # shared with the attention modules below, which run the same callables
+        self._add("attention", BertAttention(p["attention"], config, k, self._dense))
         self._add("intermediate", BertIntermediate(p["intermediate"], config, k))
         self._add("output", BertOutput(p["output"], config, k))
+        self._remake()
+        self._watch(self._remake)
+
+    def _qkv_parts(self):
+        s = self._params["attention"]["self"]
+        return tuple(s[n][t] for n in ("query", "key", "value") for t in ("weight", "bias"))
+
+    def _remake(self):
+        c = self._cfg
+        same = self._fused_parts is not None and all(map(operator.is_, self._qkv_parts(), self._fused_parts))
+        self._dense[0] = F.layer_dense(self._params, ACTIVATIONS[c.hidden_act], c.layer_norm_eps, self._k,
+                                       self._fused if same else None)
+
+    @property
+    def dense(self) -> F.LayerDense:
+        return self._dense[0]
 
     def forward(self, x, mask):  # [B, T, H], [B, T] additive -> [B, T, H], [B, nH, T, T]
-        c = self._cfg
-        return _dense(F.layer, x, mask, **self._params, n_head=c.num_attention_heads, eps=c.layer_norm_eps,
-                      act=ACTIVATIONS[c.hidden_act], k=self._k)
+        return _on_batch(F.layer, x, mask, self.output.dense.weight.dtype, self._dense[0],
+                         self._cfg.num_attention_heads, self._k)
 
 
 class BertEncoder(Module):
-    def __init__(self, p, config, k):
+    def __init__(self, p, config, k, fused=None):
         super().__init__(p)
-        self._add("layer", ModuleList([BertLayer(lp, config, k) for lp in p["layer"]]))
+        fused = fused or [None] * len(p["layer"])
+        self._add("layer", ModuleList([BertLayer(lp, config, k, f) for lp, f in zip(p["layer"], fused)]))
 
 
 class BertPooler(Module):
+    """transformers: BertPooler. ``dense`` runs the pass's kernel, so calling it gives the pass's bits."""
+
     def __init__(self, p, k):
         super().__init__(p)
         self._k = k
         self._add("dense", Linear(p["dense"]))
         self._add("activation", Activation("tanh", np.tanh))
+        self._remake()
+        self._watch(self._remake)
+
+    def _remake(self):
+        self._pooler_dense = F.dense(self._k, self.dense.weight, self.dense.bias)
 
     def forward(self, hidden_states):  # [B, T, H] -> [B, H]
-        return F.pooler(np.asarray(hidden_states), **self._params, k=self._k)  # the pass's kernel: the same bits
+        return F.pooler(np.asarray(hidden_states, dtype=self.dense.weight.dtype), self._pooler_dense)

@@ -258,3 +258,40 @@ def split_checkpoint(
 def load_weights(model_dir, config: BertConfig, dtype=np.float32, pooler: bool = True):
     """(params, heads) from the safetensors file(s) in ``model_dir``; see :func:`split_checkpoint`."""
     return split_checkpoint(read_safetensors(checkpoint_files(model_dir)), config, dtype, pooler)
+
+
+# -- flat checkpoint names <-> nested params --------------------------------------------------------
+def nest(flat: Dict[str, np.ndarray]) -> Dict:
+    """``{"encoder.layer.0.output.dense.weight": a}`` -> ``{"encoder": {"layer": [{"output": ...}]}}``.
+
+    The arrays are not copied. Numbered levels become lists.
+    """
+    root: Dict = {}
+    for name, arr in flat.items():
+        node = root
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = arr
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        if node and all(key.isdigit() for key in node):
+            return [listify(node[str(i)]) for i in range(len(node))]
+        return {key: listify(v) for key, v in node.items()}
+
+    return listify(root)
+
+
+def flatten(params: Dict, prefix: str = "") -> Dict[str, np.ndarray]:
+    """The inverse of :func:`nest`."""
+    flat: Dict[str, np.ndarray] = {}
+    items = enumerate(params) if isinstance(params, list) else params.items()
+    for key, v in items:
+        name = f"{prefix}{key}"
+        if isinstance(v, (dict, list)):
+            flat.update(flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat

@@ -528,7 +528,7 @@ def test_dense_layernorm_rejects_bad_arguments(version):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N", [1, 16, 300])
 def test_prepared_dense_layers_equal_the_ops(dtype, N):
-    """dense.prepare (the model's layer plans) runs the same kernel as dense_act / dense_layernorm
+    """dense.prepare (the model's dense layers, made at load) runs the same kernel as dense_act / dense_layernorm
     on the same arguments: equal values, above ACT_EPILOGUE_ROWS too; None for a writable weight."""
     from minibert.kernels import dense as D
 

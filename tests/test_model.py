@@ -131,7 +131,7 @@ def test_replacing_q_k_or_v_unfuses_the_projection(tiny_dir):
     ours = BertModel.from_pretrained(tiny_dir)
     hf = hf_model(tiny_dir)
     valid = mask == 1
-    ours(ids, attention_mask=mask)  # fused: model.fused_qkv remembers the answer for these arrays
+    ours(ids, attention_mask=mask)  # Q/K/V as one GEMM on the fused weight made at load
     attn = ours.encoder.layer[0].attention.self
     w = rng.standard_normal(attn.key.weight.shape).astype(np.float32) * 0.1
     b = rng.standard_normal(attn.value.bias.shape).astype(np.float32) * 0.1
@@ -178,37 +178,49 @@ def test_loaded_weights_are_read_only_and_a_new_one_takes_effect(tiny_dir):
                      TOL["fp32"], f"intermediate.dense.weight {step}")
 
 
-def test_layer_plans_give_the_unplanned_values_and_follow_assigned_weights(tiny_dir):
-    """BertModel runs each layer from a plan (its kernels' arguments made once: model.planned). The
-    plan must give exactly the unplanned pass's values, packed and dense batches alike (with and
-    without padding keys masked, and above 256 rows, where the activation is a pass of its own),
-    and must follow a weight or LayerNorm parameter assigned after a pass, a read-only one included
-    (which the plan then packs and runs)."""
+def test_dense_layers_made_at_load_give_the_per_call_kernels_values_and_follow_assigned_weights(tiny_dir):
+    """Each layer's dense layers are made once, at load (packed weights, kernel arguments ready:
+    model.layer_dense). They must give exactly what the kernel set's own ops give when called on
+    the arrays each pass, packed and dense batches alike (with and without padding keys masked,
+    and above 256 rows, where the activation is a pass of its own), and must be made again when a
+    weight or LayerNorm parameter is assigned: a read-only one packed, a writable one read as is."""
     import torch
+
+    from minibert import model as F
+    from minibert.config import ACTIVATIONS
+    from minibert.inputs import prepare_inputs
+    from minibert.kernels.dense import Prepared
 
     rng = np.random.default_rng(8)
     ids, mask, _ = random_batch(rng, TINY, B=2, T=6)
     big_ids, big_mask, _ = random_batch(rng, TINY, B=6, T=50, pad=False)  # 300 rows
     ours = BertModel.from_pretrained(tiny_dir)
+    assert all(isinstance(f, Prepared) for layer in ours.encoder.layer for f in layer.dense)
+    c = ours.config
+    k = {op: (lambda f: lambda *a, **kw: f(*a, **kw))(f) for op, f in ours._k.items()}  # the same ops, not prepared
+    per_call_layers = [F.layer_dense(layer._params, ACTIVATIONS[c.hidden_act], c.layer_norm_eps, k, layer._fused)
+                       for layer in ours.encoder.layer]
+    assert not any(isinstance(f, Prepared) for d in per_call_layers for f in d)
     cases = [(ids, mask, False), (ids, np.ones_like(mask), False), (big_ids, big_mask, False),
              (ids, mask, True)]  # the last: a dense batch with its padding keys masked (skip_padding=False)
     for i, m, dense in cases:
-        planned = ours.run(i, attention_mask=m, skip_padding=not dense)["last_hidden_state"]
-        assert len(ours._plans) == TINY["num_hidden_layers"] and all(p[2] is not None for p in ours._plans.values())
-        plans, ours._plans = ours._plans, None
-        try:
-            unplanned = ours.run(i, attention_mask=m, skip_padding=not dense)["last_hidden_state"]
-        finally:
-            ours._plans = plans
-        assert np.array_equal(planned, unplanned), f"max abs difference {np.abs(planned - unplanned).max():.3e}"
+        made = ours.run(i, attention_mask=m, skip_padding=not dense)["last_hidden_state"]
+        ii, mm, tt, pos = prepare_inputs(c, i, m, None, None, ours.dtype)
+        per_call = F.bert(ours._params, per_call_layers, None, ii, mm, tt, pos,
+                          n_head=c.num_attention_heads, eps=c.layer_norm_eps, k=k,
+                          skip_padding=not dense)["last_hidden_state"]
+        assert np.array_equal(made, per_call), f"max abs difference {np.abs(made - per_call).max():.3e}"
     hf = hf_model(tiny_dir)
     valid = mask == 1
     layer, hf_layer = ours.encoder.layer[1], hf.encoder.layer[1]
     H = TINY["hidden_size"]
-    new = {"output.dense.weight": (rng.standard_normal(layer.output.dense.weight.shape) * 0.1).astype(np.float32),
-           "attention.output.LayerNorm.weight": (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)}
-    for name, value in new.items():
-        value.flags.writeable = False  # as loaded weights are: the plan packs and runs it
+    new = [("output.dense.weight", (rng.standard_normal(layer.output.dense.weight.shape) * 0.1).astype(np.float32),
+            False),
+           ("attention.output.LayerNorm.weight", (1 + 0.1 * rng.standard_normal(H)).astype(np.float32), False),
+           ("intermediate.dense.weight", (rng.standard_normal(layer.intermediate.dense.weight.shape) * 0.1)
+            .astype(np.float32), True)]
+    for name, value, writable in new:
+        value.flags.writeable = writable  # read-only as loaded weights are: packed when assigned
         *path, leaf = name.split(".")
         mod, hf_mod = layer, hf_layer
         for part in path:
@@ -218,8 +230,9 @@ def test_layer_plans_give_the_unplanned_values_and_follow_assigned_weights(tiny_
             getattr(hf_mod, leaf).copy_(torch.from_numpy(value.copy()))
         theirs = hf_forward(hf, input_ids=ids, attention_mask=mask)
         assert_close(ours(ids, attention_mask=mask).last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid],
-                     TOL["fp32"], f"after assigning a read-only {name}")
-        assert ours._plans[1][2] is not None, "the new read-only weight should run planned"
+                     TOL["fp32"], f"after assigning {name}")
+        assert isinstance(layer.dense.output, Prepared) and isinstance(layer.dense.attention_output, Prepared)
+    assert not isinstance(layer.dense.intermediate, Prepared), "a writable weight must be read as is, not packed"
 
 
 @pytest.mark.parametrize("kernels", ["numba", "numpy"])
