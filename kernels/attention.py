@@ -7,37 +7,14 @@ the additive [B, T] mask of a dense batch (finfo.min at padding keys), and ``con
 each sequence and head ``softmax(q·kᵀ·scale + mask)·v``, heads side by side again. A packed batch
 needs no mask: each sequence sees only its own rows. Empty sequences are skipped.
 
-Versions:
-- ``numpy``: the reference — one sequence at a time, q·kᵀ and P·V as batched matmuls over the
-  heads, the softmax the NumPy reference of softmax.py.
-- ``blas_v2``: the same matmuls (NumPy's BLAS) with masked_softmax v2 normalizing the
-  scores in place. One sequence at a time keeps a single [nH, L, L] block alive, still in cache
-  when P·V reads it, and never a [B, nH, T, T] tensor.
-- ``numba_fused``: one Numba task per (sequence, head) under prange: K transposed into a scratch,
-  then 4 query rows at a time: their scores, softmax and P·V all in L1, nothing [L, L] in memory.
-  Kept to measure, not the default: without register blocking the loops are store-bound, and it
-  was 1.6× slower than ``blas_v2`` at bert-base (8, 128) (``python -m benchmarks.kernels``); only
-  at head size 32 and long sequences did it come level.
-- ``numba_tiled`` (default): ``numba_fused``'s plan (a task per (sequence, head), 4 query rows
-  at a time, their [4, L] scores in L1) with each product register-blocked:
-  - scores: the 4 rows start from the mask row and take 4 head dims per sweep over the keys
-    (``s[r, j] += Σ_t q[r, d+t]·kᵀ[d+t, j]``): 16 FMAs per 4 key loads and 4 score loads and
-    stores, where ``numba_fused`` did one FMA per load and store. The dot-product form of gemm.py
-    was slower here: a head has only 32-64 dims, too short to pay for a horizontal sum per score.
-  - P·V: gemm.py's 4×3 block, the 4 probability rows against 3 rows of Vᵀ, dot products over the
-    L keys (long, so the sums pay), the softmax's 1/Σ applied on the way out.
-  - The helpers are plain jitted functions, not ``inline="always"``: inlined into the prange body
-    they took the kernel's first compile from about 7 to 11 s (the cold-cache start-up of
-    ``minibert encode``), and LLVM inlines them anyway.
-  - The row offsets go through slices so LLVM sees unit strides: indexing ``row[offset + d]``
-    with a signed offset made it gather element by element (wraparound checks), 2× slower.
-  Against ``blas_v2`` in one process (medians of 15): bert-base (8, 128) 3.97 vs 6.10 ms,
-  MiniLM (8, 128) 2.39 vs 4.21 ms, bert-base (1, 512) 6.2 vs 7.4 ms. No BLAS call, so no
-  OpenBLAS spin window either.
-  - The softmax's row max is ``fastmath.fmax`` (LLVM's maxnum, which the vectorizer reduces;
-    Numba's ``max()`` stayed scalar): medians before / after, 2 threads, a loaded machine:
-    MiniLM (1, 128) 0.30 / 0.28 ms, (8, 128) 2.63 / 2.25, bert-base (8, 128) 4.52 / 3.88,
-    (1, 512) 6.64 / 6.06; (1, 16) 19.3 / 18.8 µs (rows too short to vectorize).
+Versions (docs/kernels.md has the measurements):
+- ``numpy``: the reference: per sequence, q·kᵀ and P·V as batched matmuls, softmax.py's reference.
+- ``blas_v2``: the same matmuls with masked_softmax v2 in place: one [nH, L, L] block alive at a
+  time, still in cache when P·V reads it.
+- ``numba_fused``: a task per (sequence, head), 4 query rows at a time, scores, softmax and P·V in
+  L1; kept to measure: store-bound without register blocking.
+- ``numba_tiled`` (default): numba_fused's plan with both products register-blocked (scores 4 rows
+  × 4 head dims per sweep, P·V gemm.py's 4 × 3 block) and the row max by ``fastmath.fmax``.
 """
 from __future__ import annotations
 

@@ -1,49 +1,17 @@
 """The dense layers' matrix product, without bias: ``y = x · Wᵀ``.
 
 Signature of every version: ``gemm(x, weight, out=None) -> y`` with ``x`` [N, in], ``weight``
-[out, in] (the checkpoint's nn.Linear layout; numba_packed works on a packed copy of it) and ``y`` [N, out]
-in ``x``'s dtype; ``out``, if given, an [N, out] array (any strides) that receives ``y``. The
-bias is added by the pass that follows (activation or LayerNorm, see their ``bias=`` arguments),
-or, in the model, by numba_packed's kernel itself: kernels/dense.py runs it with an epilogue.
+[out, in] (the checkpoint's nn.Linear layout) and ``y`` [N, out] in ``x``'s dtype; ``out``, if
+given, an [N, out] array (any strides) that receives ``y``. The bias is added by the pass that
+follows, or by numba_packed's epilogue (kernels/dense.py).
 
-Versions:
-- ``numpy``: the reference, ``np.matmul(x, weight.T)``: NumPy's BLAS (OpenBLAS) sgemm/dgemm.
-- ``numba_4x3``: a register-blocked dot-product kernel that reads ``weight`` in its own layout.
-  Every task of the ``prange`` owns 3 rows of ``weight`` and computes their dot products with 4
-  rows of ``x`` at a time: 12 running sums that LLVM keeps in 12 AVX2 registers, each step
-  loading 4 + 3 vectors for 12 FMAs, and the 3 weight rows stay in L1/L2 while all N rows of
-  ``x`` pass by. Why it exists: for a few rows (one short sentence: N = 16) BLAS copies the whole
-  weight matrix into its packed panel layout on every call, which here costs as much as the
-  product itself; this kernel streams each weight once and does no copy. Measured on the 48
-  GEMMs of a bert-base forward pass at N = 16 (weights out of cache, 2 threads): 94 GFLOP/s
-  against OpenBLAS's 69. It stops paying near N = 64, where BLAS's packing is amortized
-  (``python -m benchmarks.kernels`` has both at N = 16 and N = 1024). fastmath lets LLVM split
-  each sum into 8-lane partial sums: a different summation order from BLAS's, i.e. rounding only.
-- ``numba_packed``: the product on a copy of ``weight`` packed once into panels of ``NR`` = 3
-  vectors of columns (24 float32 or 12 float64), each panel [in, NR] contiguous: the classic
-  outer-product micro-kernel. Every step of a 4 x NR tile loads 3 vectors of the panel and
-  broadcasts 4 elements of ``x`` into 12 FMAs (written as LLVM vector IR in :func:`_tile_kernel`:
-  Numba's vectorizer does not find this form, the scalar version ran at 7.5 GFLOP/s). Tasks are
-  (row block, panel) pairs; a row block is at most ``BLOCK_BYTES`` of ``x``, so it is read from
-  cache and the weight once per block. Why a packed copy: numba_4x3 reads each task's 3 weight
-  rows as 3 short streams, which the hardware prefetcher does not keep up with from DRAM, and
-  BLAS repacks the weight on every call; a panel is one long sequential stream. Measured on the
-  GEMMs of a whole pass (weights out of cache, 2 threads, GFLOP/s, packed / numba_4x3 / OpenBLAS):
-  MiniLM N = 16 125 / 97 / 71, bert-base N = 16 130 / 105 / 84; bert-base N = 128 180 / - / 157,
-  N = 1024 190 / - / 184, N = 4096 190 / - / 186. The copy is made on the first call with a given
-  weight and kept only for a read-only ``weight`` (as :meth:`BertModel.from_pretrained` loads
-  them): a writable one could change in place after packing, so it is packed again on every call.
-  The file pages of a memory-mapped weight are handed back to the OS once it is packed, so the
-  weight is resident once, as panels.
-  Prefetch: with a few rows (N = 16) every panel is read from DRAM once, by the first of the
-  task's 4 row tiles, and the other 3 tiles run from L2 with DRAM idle; one stream per core kept
-  ~16 GB/s in flight of the ~36 GB/s two cores stream here. So each tile also prefetches its
-  share of the thread's next panel into L2 (one ``llvm.prefetch`` per k step), and the DRAM
-  stream runs under all 4 tiles. The 24 GEMMs of a MiniLM pass at N = 16: 2.70 -> 2.05 ms
-  (166 GFLOP/s, what the same GEMMs reach with the weights in cache); bert-base's 48: 21.5 ->
-  15.8 ms; N = 1024 unchanged (190 -> 192 GFLOP/s). Tiling K instead (so the first tile's
-  panel chunk stays in L1) changed nothing, nor did 2 MB pages for the panels.
-  Summation order: k ascending in each lane, one FMA per step; no horizontal sums.
+Versions (docs/kernels.md has the measurements):
+- ``numpy``: the reference, ``np.matmul(x, weight.T)`` (OpenBLAS).
+- ``numba_4x3``: 3 weight rows × 4 x rows of dot products in 12 registers, reading the weight in
+  place: for a few rows, where BLAS spends as long repacking the weight as multiplying.
+- ``numba_packed``: the weight packed once into [in, 24]-column panels and an outer-product 4 × 3
+  vector micro-kernel in LLVM IR that prefetches the next panel: one long stream per panel,
+  the copy kept for read-only weights. Summation: k ascending in each lane, one FMA per step.
 """
 from __future__ import annotations
 
