@@ -13,16 +13,18 @@ Versions (docs/kernels.md has the measurements):
   time, still in cache when P·V reads it.
 - ``numba_fused``: a task per (sequence, head), 4 query rows at a time, scores, softmax and P·V in
   L1; kept to measure: store-bound without register blocking.
-- ``numba_tiled`` (default): numba_fused's plan with both products register-blocked (scores 4 rows
-  × 4 head dims per sweep, P·V gemm.py's 4 × 3 block) and the row max by ``fastmath.fmax``.
+- ``numba_tiled`` (default): numba_fused's plan with q·kᵀ register-blocked (4 rows × 4 head dims
+  per sweep over the keys), P·V by gemm.py's tile kernel on V packed into panels, the softmax's max
+  and sum in explicit lanes (``fastmath.lanes_max``/``lanes_sum``): all vectorize without
+  ``reassoc``, which would round differently in a compiling and a cache-loading process.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from .fastmath import fexp, fmax
-from .gemm import _dot
+from .fastmath import fexp, lanes_max, lanes_sum
+from .gemm import PANEL_VECTORS, VECTOR_BYTES, _tile1, _tile2, _tile3, _tile4
 from .registry import FASTMATH, register
 from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
 
@@ -186,59 +188,44 @@ def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
 def _softmax_rows(s, nr, inv, zero):  # s[:nr] -> exp(s - row max) in place, inv[r] = 1 / row sum
     for r in range(nr):
         row = s[r]
-        m = row[0]
-        for j in range(row.size):
-            m = fmax(m, row[j])  # a vectorized max (fastmath.fmax)
-        tot = zero  # of s's dtype: a float64 sum of float32 terms would not vectorize as well
-        for j in range(row.size):
-            e = fexp(row[j] - m)
-            row[j] = e
-            tot += e
-        inv[r] = 1 / tot
+        m = lanes_max(row)
+        for j in range(row.size):  # no reduction in this loop, so the exp vectorizes
+            row[j] = fexp(row[j] - m)
+        inv[r] = 1 / lanes_sum(row, zero, 0)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _context(s, nr, inv, vt, out, r0, col, zero):
-    # out[r0+r, col:col+dH] = (s[r]·inv[r])·V for nr <= 4 rows, V given as vt = Vᵀ [dH, L]
-    # The 4x3 block of running sums below is gemm._gemm_4x3's. Written once as a shared jitted
-    # helper returning the 12 sums it measured: as a plain function 8-49 % slower (the tuple comes
-    # back through memory); inline="always", as fast but +0.65 s of first-use compile. So it is here
-    # twice.
-    dH = vt.shape[0]
-    D3 = dH - dH % 3
-    if nr == 4:
-        p0, p1, p2, p3 = s[0], s[1], s[2], s[3]
-        o0, o1 = out[r0, col:col + dH], out[r0 + 1, col:col + dH]
-        o2, o3 = out[r0 + 2, col:col + dH], out[r0 + 3, col:col + dH]
-        for d in range(0, D3, 3):
-            w0, w1, w2 = vt[d], vt[d + 1], vt[d + 2]
-            s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = zero
-            for k in range(p0.size):
-                a0, a1, a2, a3 = p0[k], p1[k], p2[k], p3[k]
-                b0, b1, b2 = w0[k], w1[k], w2[k]
-                s00 += a0 * b0
-                s01 += a0 * b1
-                s02 += a0 * b2
-                s10 += a1 * b0
-                s11 += a1 * b1
-                s12 += a1 * b2
-                s20 += a2 * b0
-                s21 += a2 * b1
-                s22 += a2 * b2
-                s30 += a3 * b0
-                s31 += a3 * b1
-                s32 += a3 * b2
-            o0[d], o0[d + 1], o0[d + 2] = s00 * inv[0], s01 * inv[0], s02 * inv[0]
-            o1[d], o1[d + 1], o1[d + 2] = s10 * inv[1], s11 * inv[1], s12 * inv[1]
-            o2[d], o2[d + 1], o2[d + 2] = s20 * inv[2], s21 * inv[2], s22 * inv[2]
-            o3[d], o3[d + 1], o3[d + 2] = s30 * inv[3], s31 * inv[3], s32 * inv[3]
-        d0 = D3
-    else:
-        d0 = 0
-    for r in range(nr):  # the last 1-3 rows, and head dims past a multiple of 3: one dot each
-        o = out[r0 + r, col:col + dH]
-        for d in range(d0, dH):
-            o[d] = _dot(s[r], vt[d], zero) * inv[r]
+def _pack_v(qkv, lo, vo, dH, wp):  # V = qkv[lo:lo+L, vo:vo+dH] -> panels wp [P, L, NR], zeros past dH
+    NR = wp.shape[2]
+    for p in range(wp.shape[0]):
+        c0 = p * NR
+        n = min(NR, dH - c0)
+        for k in range(wp.shape[1]):
+            src, dst = qkv[lo + k, vo + c0:vo + c0 + n], wp[p, k]
+            for c in range(n):
+                dst[c] = src[c]
+            for c in range(n, NR):
+                dst[c] = 0
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _context(s, nr, inv, wp, ctx, out, r0, col, dH):
+    # out[r0+r, col:col+dH] = (s[r]·inv[r])·V for nr <= 4 rows, V packed into panels wp: gemm.py's
+    # tile kernel (register-blocked vector FMAs in LLVM IR, the keys in order), into ctx [4, P·NR]
+    NR = wp.shape[2]
+    for p in range(wp.shape[0]):
+        if nr == 4:
+            _tile4(s, 0, wp, p, ctx, p * NR, 0, 0)
+        elif nr == 3:
+            _tile3(s, 0, wp, p, ctx, p * NR, 0, 0)
+        elif nr == 2:
+            _tile2(s, 0, wp, p, ctx, p * NR, 0, 0)
+        else:
+            _tile1(s, 0, wp, p, ctx, p * NR, 0, 0)
+    for r in range(nr):
+        o, cr, i = out[r0 + r, col:col + dH], ctx[r], inv[r]
+        for d in range(dH):
+            o[d] = cr[d] * i
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -252,19 +239,23 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
         if L == 0:
             continue
         kt = _head_transposed(qkv, lo, L, H + h * dH, dH)  # [dH, L]
-        vt = _head_transposed(qkv, lo, L, 2 * H + h * dH, dH)  # [dH, L]
         add = np.zeros(L, dtype=qkv.dtype)  # the mask row: where every row of scores starts
         if has_mask:
             add[:] = mask[b, :L]
         s = np.empty((4, L), dtype=qkv.dtype)  # scores, then probabilities, of 4 query rows
         inv = np.empty(4, dtype=qkv.dtype)
+        NR = PANEL_VECTORS * VECTOR_BYTES // qkv.itemsize  # gemm.py's panel width: 24 float32, 12 float64
+        P = (dH + NR - 1) // NR
+        wp = np.empty((P, L, NR), dtype=qkv.dtype)  # V in panels, for the tile kernel
+        _pack_v(qkv, lo, 2 * H + h * dH, dH, wp)
+        ctx = np.empty((4, P * NR), dtype=qkv.dtype)  # the 4 rows' unnormalized context
         for i0 in range(0, L, 4):
             nr = min(4, L - i0)
             for r in range(nr):
                 s[r, :] = add
             _scores(qkv, lo + i0, nr, h * dH, dH, kt, scale, s)
             _softmax_rows(s, nr, inv, zero)
-            _context(s, nr, inv, vt, out, lo + i0, h * dH, zero)
+            _context(s, nr, inv, wp, ctx, out, lo + i0, h * dH, dH)
 
 
 @register("attention", "numba_tiled", default=True)

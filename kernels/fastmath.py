@@ -131,3 +131,44 @@ def fmax(typingctx, a, b):
         return builder.call(fn, args)
 
     return a(a, b), codegen
+
+
+@njit(inline="always")
+def lanes_sum(a, shift, square):
+    # sum of (a[j] - shift)^p, p = 1 (square 0) or 2 (square 1), in 8 running sums, then those
+    # in a fixed order: the order is the code's, so it vectorizes without letting LLVM reassociate
+    # (which made a process that compiled the kernel and one that loaded it from the cache round
+    # differently)
+    z = a.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = z
+    n8 = a.size - a.size % 8
+    for j in range(0, n8, 8):
+        d0, d1, d2, d3 = a[j] - shift, a[j + 1] - shift, a[j + 2] - shift, a[j + 3] - shift
+        d4, d5, d6, d7 = a[j + 4] - shift, a[j + 5] - shift, a[j + 6] - shift, a[j + 7] - shift
+        if square:
+            d0, d1, d2, d3, d4, d5, d6, d7 = d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7
+        s0 += d0
+        s1 += d1
+        s2 += d2
+        s3 += d3
+        s4 += d4
+        s5 += d5
+        s6 += d6
+        s7 += d7
+    for j in range(n8, a.size):
+        d = a[j] - shift
+        s0 += d * d if square else d
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+@njit(inline="always")
+def lanes_max(a):
+    # the largest element of a non-empty ``a``, in 8 running maxima combined in a fixed order:
+    # vectorizes without fast-math's reassociation, like lanes_sum
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = a[0]
+    n8 = a.size - a.size % 8
+    for j in range(0, n8, 8):
+        m0, m1, m2, m3 = fmax(m0, a[j]), fmax(m1, a[j + 1]), fmax(m2, a[j + 2]), fmax(m3, a[j + 3])
+        m4, m5, m6, m7 = fmax(m4, a[j + 4]), fmax(m5, a[j + 5]), fmax(m6, a[j + 6]), fmax(m7, a[j + 7])
+    for j in range(n8, a.size):
+        m0 = fmax(m0, a[j])
+    return fmax(fmax(fmax(m0, m1), fmax(m2, m3)), fmax(fmax(m4, m5), fmax(m6, m7)))

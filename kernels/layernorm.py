@@ -10,7 +10,7 @@ Versions:
 - ``numpy``: the reference: mean, biased variance, normalise, scale and shift.
 - ``numba``: one row at a time, sums in float64, two passes (no cancellation); NumPy adds the bias.
 - ``numba_v2`` (default): rows over the threads, the bias fused, sums in the input's dtype in 8
-  explicit partial sums (``_lanes_sum``): they vectorize without ``reassoc``, which rounded
+  explicit partial sums (``fastmath.lanes_sum``): they vectorize without ``reassoc``, which rounded
   differently in a compiling and a cache-loading process.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .fastmath import lanes_sum
 from .registry import FASTMATH, register
 
 
@@ -77,38 +78,10 @@ def ln_row(src, xb, res, weight, bias, eps, dst):
     f = dst.dtype.type
     for j in range(h):
         dst[j] = (src[j] + xb[j]) + res[j]
-    mean = _lanes_sum(dst, f(0), f(0)) / f(h)  # / f(h): with the int h it would be float64, and so every loop after it
-    inv = f(1 / np.sqrt(_lanes_sum(dst, mean, f(1)) / h + eps))
+    mean = lanes_sum(dst, f(0), f(0)) / f(h)  # / f(h): with the int h it would be float64, and so every loop after it
+    inv = f(1 / np.sqrt(lanes_sum(dst, mean, f(1)) / h + eps))
     for j in range(h):
         dst[j] = (dst[j] - mean) * inv * weight[j] + bias[j]
-
-
-@njit(inline="always")
-def _lanes_sum(a, shift, square):
-    # sum of (a[j] - shift)^p, p = 1 (square 0) or 2 (square 1), in 8 running sums, then those
-    # in a fixed order: the order is the code's, so it vectorizes without letting LLVM reassociate
-    # (which made a process that compiled the kernel and one that loaded it from the cache round
-    # differently)
-    z = a.dtype.type(0)
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = z
-    n8 = a.size - a.size % 8
-    for j in range(0, n8, 8):
-        d0, d1, d2, d3 = a[j] - shift, a[j + 1] - shift, a[j + 2] - shift, a[j + 3] - shift
-        d4, d5, d6, d7 = a[j + 4] - shift, a[j + 5] - shift, a[j + 6] - shift, a[j + 7] - shift
-        if square:
-            d0, d1, d2, d3, d4, d5, d6, d7 = d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7
-        s0 += d0
-        s1 += d1
-        s2 += d2
-        s3 += d3
-        s4 += d4
-        s5 += d5
-        s6 += d6
-        s7 += d7
-    for j in range(n8, a.size):
-        d = a[j] - shift
-        s0 += d * d if square else d
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)

@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .fastmath import fexp, fmax
+from .fastmath import fexp, lanes_max, lanes_sum
 from .registry import FASTMATH, register
 
 
@@ -90,17 +90,12 @@ def _masked_softmax_v2(s, mask, scale, one, out):
     per_seq = rows // mask.shape[0]
     for r in prange(rows):
         src, dst, add = s[r], out[r], mask[r // per_seq]  # 1-D views: the inner loops vectorize
-        m = src[0] * scale + add[0]
         for k in range(k_n):
-            v = src[k] * scale + add[k]
-            dst[k] = v
-            m = fmax(m, v)  # a vectorized max (fastmath.fmax)
-        tot = one - one  # a float32 zero for float32 rows: `m * 0` would be float64 (int 0), and so the sum
+            dst[k] = src[k] * scale + add[k]
+        m = lanes_max(dst)  # max and sum in explicit lanes: they vectorize without reassociation
         for k in range(k_n):
-            e = fexp(dst[k] - m)
-            dst[k] = e
-            tot += e
-        inv = one / tot
+            dst[k] = fexp(dst[k] - m)
+        inv = one / lanes_sum(dst, one - one, 0)  # one - one: a zero of the rows' dtype
         for k in range(k_n):
             dst[k] *= inv
 

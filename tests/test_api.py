@@ -59,7 +59,7 @@ def test_pooler_by_hand_and_recomputed_bit_identical(model, batch):
     out = model(**batch)
     W, b = model.pooler.dense.weight, model.pooler.dense.bias
     assert isinstance(W, np.ndarray) and W.shape == (TINY["hidden_size"],) * 2
-    np.testing.assert_allclose(np.tanh(out.last_hidden_state[:, 0] @ W.T + b), out.pooler_output, rtol=0, atol=1e-6)
+    assert_close(np.tanh(out.last_hidden_state[:, 0] @ W.T + b), out.pooler_output, TOL["route_fp32"], "pooler by hand")
     np.testing.assert_array_equal(model.pooler(out.last_hidden_state), out.pooler_output)
 
 
@@ -94,9 +94,9 @@ def test_submodules_run_the_same_functions(model, batch):
     # arithmetic, summed in another order
     assert_close(h1, out.hidden_states[1], TOL["kernel_fp32"], "layer[0] called alone vs the forward pass")
     x = out.hidden_states[1]
-    np.testing.assert_allclose(model.encoder.layer[1].attention.self.query(x),
-                               x @ model.encoder.layer[1].attention.self.query.weight.T
-                               + model.encoder.layer[1].attention.self.query.bias, rtol=0, atol=1e-6)
+    assert_close(model.encoder.layer[1].attention.self.query(x),
+                 x @ model.encoder.layer[1].attention.self.query.weight.T + model.encoder.layer[1].attention.self.query.bias,
+                 TOL["route_fp32"], "query module")
 
 
 def test_assigning_a_weight_changes_the_forward_pass(tiny_dir, batch):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import minibert
-from conftest import hf_forward, hf_model
+from conftest import TOL, assert_close, hf_forward, hf_model
 from test_cli import run
 
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."]
@@ -28,7 +28,7 @@ def test_embed_texts_to_npy(tmp_path, encoder, minilm_dir):
     assert r.returncode == 0, r.stderr
     v = np.load(out)
     assert v.shape == (3, 384) and v.dtype == np.float32
-    np.testing.assert_allclose(v, encoder.encode(TEXTS), atol=1e-6)
+    assert_close(v, encoder.encode(TEXTS), TOL["route_fp32"], "printed vectors")
     assert "wrote" in r.stderr and r.stdout == ""
 
 
@@ -41,7 +41,7 @@ def test_embed_input_file_with_progress(tmp_path, encoder, fmt):
     out = tmp_path / "e.npy"
     r = run("embed", "--input", str(path), "--output", str(out), "--batch-size", "8")
     assert r.returncode == 0, r.stderr
-    np.testing.assert_allclose(np.load(out), encoder.encode(texts), atol=1e-6)
+    assert_close(np.load(out), encoder.encode(texts), TOL["route_fp32"], "saved vectors")
     assert "batches" in r.stderr and "5/5" in r.stderr  # tqdm progress, 40 texts / 8 a batch
 
 
@@ -108,8 +108,8 @@ def test_inspect_prints_tree_tokens_norms_entropies_and_pooler(minilm_dir, tmp_p
         norm = np.linalg.norm(t.hidden_states[i + 1][0].double().numpy(), axis=-1).mean()
         line = next(ln for ln in out.splitlines() if ln.split()[:1] == [str(i)] and len(ln.split()) == 14)
         printed = [float(v) for v in line.split()[1:]]
-        assert abs(printed[0] - norm) <= 1e-3, (line, norm)
-        np.testing.assert_allclose(printed[1:], ent, atol=1e-3)
+        assert abs(printed[0] - norm) <= TOL["printed"], (line, norm)
+        assert_close(printed[1:], ent, TOL["printed"], "printed entropies")
     pooled = t.pooler_output[0].double().numpy()
     h_cls = t.last_hidden_state[0, 0].double().numpy()
     cos = h_cls @ pooled / np.linalg.norm(h_cls) / np.linalg.norm(pooled)

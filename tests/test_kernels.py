@@ -22,29 +22,31 @@ def tol(dtype):
     return TOL["kernel_fp32" if dtype == "float32" else "kernel_fp64"]
 
 
-@pytest.mark.parametrize("op", ["gelu", "gelu_tanh", "relu", "silu"])
+def op_versions(*ops):  # (op, version) pairs for parametrize: one test case per version
+    return [(op, v) for op in ops for v in versions(op)]
+
+
+@pytest.mark.parametrize("op,v", op_versions("gelu", "gelu_tanh", "relu", "silu"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (7, 13), (2, 3, 37), (0, 5), (64, 300)])
-def test_activations_match_reference(op, dtype, shape):
+def test_activations_match_reference(op, v, dtype, shape):
     x = (np.random.default_rng(0).standard_normal(shape) * 4).astype(dtype)
     ref = get(op, "numpy")(x)
     assert ref.dtype == x.dtype and ref.shape == x.shape
-    for v in versions(op):
-        y = get(op, v)(x)
-        assert y.dtype == x.dtype and y.shape == x.shape, f"{op}/{v}"
-        assert_close(y, ref, tol(dtype), f"{op}/{v} {dtype} {shape}")
+    y = get(op, v)(x)
+    assert y.dtype == x.dtype and y.shape == x.shape, f"{op}/{v}"
+    assert_close(y, ref, tol(dtype), f"{op}/{v} {dtype} {shape}")
 
 
-@pytest.mark.parametrize("op", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("op,v", op_versions("gelu", "gelu_tanh", "silu"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_activations_over_the_whole_range(op, dtype):
+def test_activations_over_the_whole_range(op, v, dtype):
     # the vectorized float32 erf/exp clamp and saturate: check far tails, zero, and 8-lane blocks
     x = np.concatenate([np.linspace(-30, 30, 4097), [-1e4, -90, -88, 0.0, 88, 90, 1e4]]).astype(dtype)
     ref = get(op, "numpy")(x)
-    for v in versions(op):
-        y = get(op, v)(x)
-        # values reach 1e4, where a float32 ulp is ~1e-3: compare relative to the magnitude
-        assert_close(y / np.maximum(1, np.abs(ref)), ref / np.maximum(1, np.abs(ref)), tol(dtype), f"{op}/{v} {dtype}")
+    y = get(op, v)(x)
+    # values reach 1e4, where a float32 ulp is ~1e-3: compare relative to the magnitude
+    assert_close(y / np.maximum(1, np.abs(ref)), ref / np.maximum(1, np.abs(ref)), tol(dtype), f"{op}/{v} {dtype}")
 
 
 def test_activation_references_are_the_textbook_formulas():
@@ -53,9 +55,9 @@ def test_activation_references_are_the_textbook_formulas():
     gelu = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in xs]
     tanh = [0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))) for v in xs]
     silu = [v / (1 + math.exp(-v)) for v in xs]
-    np.testing.assert_allclose(get("gelu", "numpy")(x), gelu, rtol=1e-15, atol=1e-15)
-    np.testing.assert_allclose(get("gelu_tanh", "numpy")(x), tanh, rtol=1e-15, atol=1e-15)
-    np.testing.assert_allclose(get("silu", "numpy")(x), silu, rtol=1e-15, atol=1e-15)
+    assert_close(get("gelu", "numpy")(x), gelu, TOL["formula_fp64"], "gelu reference")
+    assert_close(get("gelu_tanh", "numpy")(x), tanh, TOL["formula_fp64"], "gelu_tanh reference")
+    assert_close(get("silu", "numpy")(x), silu, TOL["formula_fp64"], "silu reference")
     np.testing.assert_array_equal(get("relu", "numpy")(x), np.maximum(x, 0))
 
 
@@ -65,10 +67,11 @@ def test_gelu_forms_differ():
     assert np.abs(get("gelu", "numpy")(x) - get("gelu_tanh", "numpy")(x)).max() > 1e-4
 
 
+@pytest.mark.parametrize("v", versions("layernorm"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (2, 3, 30), (4, 768), (0, 8)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_layernorm_matches_reference(dtype, shape, with_residual):
+def test_layernorm_matches_reference(v, dtype, shape, with_residual):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     r = (rng.standard_normal(shape) * 2).astype(dtype) if with_residual else None
@@ -76,25 +79,24 @@ def test_layernorm_matches_reference(dtype, shape, with_residual):
     b = (0.3 * rng.standard_normal(shape[-1])).astype(dtype)
     for eps in (1e-12, 1e-5):
         ref = get("layernorm", "numpy")(x, r, w, b, eps)
-        for v in versions("layernorm"):
-            y = get("layernorm", v)(x, r, w, b, eps)
-            assert y.dtype == x.dtype and y.shape == x.shape
-            assert_close(y, ref, tol(dtype), f"layernorm/{v} {dtype} {shape} residual={with_residual} eps={eps}")
+        y = get("layernorm", v)(x, r, w, b, eps)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert_close(y, ref, tol(dtype), f"layernorm/{v} {dtype} {shape} residual={with_residual} eps={eps}")
 
 
 def test_layernorm_reference_normalises():
     x = np.random.default_rng(2).standard_normal((6, 50)) * 5 + 3
     y = get("layernorm", "numpy")(x, None, np.ones(50), np.zeros(50), 1e-12)
-    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-12)
-    np.testing.assert_allclose(y.std(-1), 1, atol=1e-9)
+    assert_close(y.mean(-1), np.zeros(6), TOL["formula_fp64"], "mean")
+    assert_close(y.std(-1), np.ones(6), TOL["formula_fp64"], "standard deviation")
 
 
-def test_layernorm_on_a_non_contiguous_input():
+@pytest.mark.parametrize("v", versions("layernorm"))
+def test_layernorm_on_a_non_contiguous_input(v):
     x = np.random.default_rng(3).standard_normal((8, 20)).astype(np.float32)[:, ::2]
     w, b = np.ones(10, np.float32), np.zeros(10, np.float32)
-    for v in versions("layernorm"):
-        assert_close(get("layernorm", v)(x, None, w, b, 1e-12), get("layernorm", "numpy")(x, None, w, b, 1e-12),
-                     TOL["kernel_fp32"], f"layernorm/{v} strided")
+    assert_close(get("layernorm", v)(x, None, w, b, 1e-12), get("layernorm", "numpy")(x, None, w, b, 1e-12),
+                 TOL["kernel_fp32"], f"layernorm/{v} strided")
 
 
 def _mask(rng, B, Tk, dtype):
@@ -104,21 +106,21 @@ def _mask(rng, B, Tk, dtype):
     return ((1 - m) * np.finfo(dtype).min).astype(dtype)
 
 
+@pytest.mark.parametrize("v", versions("masked_softmax"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 5), (3, 5, 7, 9), (4, 2, 3, 6), (2, 4, 64, 77)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_masked_softmax_matches_reference(dtype, shape, masked):
+def test_masked_softmax_matches_reference(v, dtype, shape, masked):
     rng = np.random.default_rng(4)
     s = (rng.standard_normal(shape) * 6).astype(dtype)
     mask = _mask(rng, shape[0], shape[3], dtype) if masked else None
     scale = shape[3] ** -0.5
     ref = get("masked_softmax", "numpy")(s, mask, scale)
     assert np.isfinite(ref).all()
-    np.testing.assert_allclose(ref.sum(-1), 1, atol=1e-6)
-    for v in versions("masked_softmax"):
-        y = get("masked_softmax", v)(s, mask, scale)
-        assert y.dtype == s.dtype and y.shape == s.shape
-        assert_close(y, ref, tol(dtype), f"masked_softmax/{v} {dtype} {shape} masked={masked}")
+    assert_close(ref.sum(-1), np.ones(shape[:3]), tol(dtype), "reference rows sum to 1")
+    y = get("masked_softmax", v)(s, mask, scale)
+    assert y.dtype == s.dtype and y.shape == s.shape
+    assert_close(y, ref, tol(dtype), f"masked_softmax/{v} {dtype} {shape} masked={masked}")
 
 
 @pytest.mark.parametrize("version", available("masked_softmax"))
@@ -126,7 +128,7 @@ def test_masked_softmax_all_padding_row_is_uniform_not_nan(version):
     s = np.random.default_rng(5).standard_normal((1, 2, 3, 4)).astype(np.float32)
     mask = np.full((1, 4), np.finfo(np.float32).min, dtype=np.float32)
     y = get("masked_softmax", version)(s, mask, 0.5)
-    np.testing.assert_allclose(y, 0.25, rtol=0, atol=1e-7)
+    assert_close(y, np.full(y.shape, 0.25), TOL["kernel_fp32"], f"masked_softmax/{version} all padding")
 
 
 @pytest.mark.parametrize("version", available("masked_softmax"))
@@ -255,7 +257,8 @@ def _attention_case(rng, dtype, lengths, n_head, dH, dense_T=None):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", ["packed", "dense-masked", "head32-long", "odd-head", "head64"])
-def test_attention_matches_reference(dtype, case):
+@pytest.mark.parametrize("v", versions("attention"))
+def test_attention_matches_reference(v, dtype, case):
     """Packed sequences of mixed lengths (one empty, one of a single token), a dense batch with
     padding and a row with no valid key, long sequences with head size 32, a head size that is
     neither a multiple of 3 nor of 4 (the blocked kernels' tails), and bert-base's head size 64
@@ -269,10 +272,9 @@ def test_attention_matches_reference(dtype, case):
     qkv, starts, mask = _attention_case(rng, dtype, lengths, n_head, dH, dense_T)
     ref = get("attention", "numpy")(qkv, starts, n_head, dH ** -0.5, mask)
     assert np.isfinite(ref).all()
-    for v in versions("attention"):
-        y = get("attention", v)(qkv, starts, n_head, dH ** -0.5, mask)
-        assert y.dtype == qkv.dtype
-        assert_close(y, ref, tol(dtype), f"attention/{v} {dtype} {case}")
+    y = get("attention", v)(qkv, starts, n_head, dH ** -0.5, mask)
+    assert y.dtype == qkv.dtype
+    assert_close(y, ref, tol(dtype), f"attention/{v} {dtype} {case}")
 
 
 def test_attention_reference_is_softmax_of_scaled_scores_times_v():
@@ -283,13 +285,14 @@ def test_attention_reference_is_softmax_of_scaled_scores_times_v():
     q, k, v = qkv[:, :4], qkv[:, 4:8], qkv[:, 8:]
     s = q @ k.T * 0.5
     p = np.exp(s - s.max(1, keepdims=True))
-    np.testing.assert_allclose(out, (p / p.sum(1, keepdims=True)) @ v, rtol=1e-12, atol=1e-12)
+    assert_close(out, (p / p.sum(1, keepdims=True)) @ v, TOL["formula_fp64"], "attention reference")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (4, 3, 8), (7, 10, 33), (16, 768, 96), (17, 4, 50),
                                    (50, 12, 30), (0, 6, 5), (5, 6, 0), (6, 0, 5), (18, 50, 40), (130, 24, 7)])
-def test_gemm_matches_reference(dtype, shape):
+@pytest.mark.parametrize("v", versions("gemm"))
+def test_gemm_matches_reference(v, dtype, shape):
     """Every version against x·Wᵀ on shapes that leave row and column tails (N % 4, out % 3, out %
     24 and % 12: numba_packed's panels) and on empty ones, with writable and read-only weights; inputs at BERT's scales (weights ~0.02) so a float32 sum of ~800 products
     stays within the kernel tolerance."""
@@ -298,14 +301,13 @@ def test_gemm_matches_reference(dtype, shape):
     x = rng.standard_normal((N, in_f)).astype(dtype)
     w = (0.02 * rng.standard_normal((out_f, in_f))).astype(dtype)
     ref = get("gemm", "numpy")(x, w)
-    np.testing.assert_allclose(ref, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-6)
+    assert_close(ref, x.astype(np.float64) @ w.T.astype(np.float64), tol(dtype), "reference")
     frozen = w.copy()
     frozen.flags.writeable = False  # as from_pretrained loads weights: numba_packed keeps its panels
-    for v in versions("gemm"):
-        for weight, kind in ((w, "writable"), (frozen, "read-only"), (frozen, "read-only, packed before")):
-            y = get("gemm", v)(x, weight)
-            assert y.dtype == x.dtype and y.shape == (N, out_f)
-            assert_close(y, ref, tol(dtype), f"gemm/{v} {dtype} {shape} {kind} weight")
+    for weight, kind in ((w, "writable"), (frozen, "read-only"), (frozen, "read-only, packed before")):
+        y = get("gemm", v)(x, weight)
+        assert y.dtype == x.dtype and y.shape == (N, out_f)
+        assert_close(y, ref, tol(dtype), f"gemm/{v} {dtype} {shape} {kind} weight")
 
 
 @pytest.mark.parametrize("version", available("gemm"))
@@ -435,7 +437,8 @@ DENSE_SHAPES = [(1, 24, 8), (16, 384, 96), (17, 53, 37), (203, 50, 33), (0, 24, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", DENSE_SHAPES)
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu"])
-def test_dense_act_matches_reference(monkeypatch, dtype, shape, act):
+@pytest.mark.parametrize("v", versions("dense_act"))
+def test_dense_act_matches_reference(monkeypatch, v, dtype, shape, act):
     """act(x·Wᵀ + b) on shapes with row and panel tails, with many row blocks (a tiny block size)
     and with one, for writable and read-only weights: every version against the reference."""
     from minibert.kernels import gemm as G
@@ -446,16 +449,16 @@ def test_dense_act_matches_reference(monkeypatch, dtype, shape, act):
     assert_close(ref, ref_parts, tol(dtype), "dense_act reference")
     for block_bytes in (G.BLOCK_BYTES, 200):
         monkeypatch.setattr(G, "BLOCK_BYTES", block_bytes)
-        for v in versions("dense_act"):
-            for weight, kind in ((w, "writable"), (frozen, "read-only")):
-                y = get("dense_act", v)(x, weight, b, act)
-                assert y.dtype == x.dtype and y.shape == (shape[0], shape[1])
-                assert_close(y, ref, tol(dtype), f"dense_act/{v} {act} {dtype} {shape} {kind}, blocks of {block_bytes} B")
+        for weight, kind in ((w, "writable"), (frozen, "read-only")):
+            y = get("dense_act", v)(x, weight, b, act)
+            assert y.dtype == x.dtype and y.shape == (shape[0], shape[1])
+            assert_close(y, ref, tol(dtype), f"dense_act/{v} {act} {dtype} {shape} {kind}, blocks of {block_bytes} B")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", DENSE_SHAPES)
-def test_dense_layernorm_matches_reference(monkeypatch, dtype, shape):
+@pytest.mark.parametrize("v", versions("dense_layernorm"))
+def test_dense_layernorm_matches_reference(monkeypatch, v, dtype, shape):
     """LayerNorm((x·Wᵀ + b) + residual): the last task of each row block normalizes it, so many
     row blocks (a tiny block size) and one; repeated, since which task is last varies."""
     from minibert.kernels import gemm as G
@@ -469,11 +472,10 @@ def test_dense_layernorm_matches_reference(monkeypatch, dtype, shape):
     assert_close(ref, get("layernorm", "numpy")(x @ w.T, res, lw, lb, 1e-12, b), tol(dtype), "reference")
     for block_bytes in (G.BLOCK_BYTES, 200):
         monkeypatch.setattr(G, "BLOCK_BYTES", block_bytes)
-        for v in versions("dense_layernorm"):
-            for weight, kind in ((w, "writable"), (frozen, "read-only"), (frozen, "read-only"), (frozen, "read-only")):
-                y = get("dense_layernorm", v)(x, weight, b, res, lw, lb, 1e-12)
-                assert y.dtype == x.dtype and y.shape == res.shape
-                assert_close(y, ref, tol(dtype), f"dense_layernorm/{v} {dtype} {shape} {kind}, blocks of {block_bytes} B")
+        for weight, kind in ((w, "writable"), (frozen, "read-only"), (frozen, "read-only"), (frozen, "read-only")):
+            y = get("dense_layernorm", v)(x, weight, b, res, lw, lb, 1e-12)
+            assert y.dtype == x.dtype and y.shape == res.shape
+            assert_close(y, ref, tol(dtype), f"dense_layernorm/{v} {dtype} {shape} {kind}, blocks of {block_bytes} B")
 
 
 def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):

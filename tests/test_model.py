@@ -282,7 +282,7 @@ def test_float64_is_closer_to_transformers_float64_than_float32(tiny_dir):
     theirs = hf_forward(hf_model(tiny_dir, "float64"), input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     d64 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float64", skip_padding=False)(ids, mask).last_hidden_state - theirs).max()
     d32 = np.abs(BertModel.from_pretrained(tiny_dir, dtype="float32", skip_padding=False)(ids, mask).last_hidden_state - theirs).max()
-    assert d64 < 1e-10 < d32, f"float64 diff {d64:.2e}, float32 diff {d32:.2e}"
+    assert d64 < TOL["fp64"] < d32, f"float64 diff {d64:.2e}, float32 diff {d32:.2e}"
 
 
 @pytest.mark.parametrize("kernels", ["numba", "numpy"])

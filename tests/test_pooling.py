@@ -49,7 +49,7 @@ def test_pooling_matches_torch(both):
     assert_close(P.layers(o.hidden_states, m, which=(1, 2), pool="cls"),
                  ((ths[1][:, 0] + ths[2][:, 0]) / 2).numpy(), TOL["fp32"], "layers cls")
     v = P.mean(h, m)
-    assert_close(P.normalize(v), torch.nn.functional.normalize(torch.as_tensor(v), dim=-1).numpy(), 1e-6, "normalize")
+    assert_close(P.normalize(v), torch.nn.functional.normalize(torch.as_tensor(v), dim=-1).numpy(), TOL["route_fp32"], "normalize")
     assert P.mean(h, m).shape == (4, TINY["hidden_size"]) and P.mean(h, m).dtype == np.float32
 
 
@@ -75,7 +75,7 @@ def test_padding_never_counts(tmp_path):
         ("layers", P.layers(alone.hidden_states, one, combine="concat"),
          P.layers(padded.hidden_states, mask, combine="concat")[:1]),
     ]:
-        assert_close(a, b, 1e-5, f"{name} alone vs padded to 128")
+        assert_close(a, b, TOL["batching_fp32"], f"{name} alone vs padded to 128")
 
 
 @pytest.mark.parametrize("call,match", [
@@ -123,28 +123,28 @@ def test_minilm_matches_sentence_transformers_pipeline(encoder, minilm_dir):
         ref.append(torch.nn.functional.normalize(t_mean(h, torch.as_tensor(x["attention_mask"])), dim=-1)[0].numpy())
     cos = np.sum(ours.astype(np.float64) * np.array(ref, dtype=np.float64), axis=1)
     assert cos.min() >= 0.99999, f"min cosine {cos.min():.7f}"
-    assert_close(ours, np.array(ref), 1e-5, "MiniLM sentence embeddings")
+    assert_close(ours, np.array(ref), TOL["batching_fp32"], "MiniLM sentence embeddings")
 
 
 def test_encode_order_single_and_empty(encoder):
     full = encoder.encode(SENTENCES, batch_size=4)
     one_by_one = np.stack([encoder.encode(s) for s in SENTENCES])
     assert encoder.encode("hi").shape == (384,)  # a single string gives one vector, as in sentence-transformers
-    assert_close(full, one_by_one, 1e-5, "batched (sorted by length) vs one by one")
+    assert_close(full, one_by_one, TOL["batching_fp32"], "batched (sorted by length) vs one by one")
     rev = encoder.encode(SENTENCES[::-1], batch_size=32)
-    np.testing.assert_allclose(rev[::-1], full, atol=1e-5)
+    assert_close(rev[::-1], full, TOL["batching_fp32"], "reversed order")
     assert encoder.encode([]).shape == (0, 384)
 
 
 def test_encode_overrides(encoder, minilm_dir):
     raw = encoder.encode(SENTENCES[:3], normalize=False)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1)
-    np.testing.assert_allclose(P.normalize(raw), encoder.encode(SENTENCES[:3]), atol=1e-6)
+    assert_close(P.normalize(raw), encoder.encode(SENTENCES[:3]), TOL["route_fp32"], "normalize")
     model = minibert.BertModel.from_pretrained(minilm_dir)
     tok = minibert.BertTokenizer.from_pretrained(minilm_dir)
     h = model(**tok("hi")).last_hidden_state
-    np.testing.assert_allclose(encoder.encode(["hi"], pooling="cls", normalize=False)[0], h[0, 0], atol=1e-6)
-    np.testing.assert_allclose(encoder.encode(["hi"], pooling="max", normalize=False)[0], h[0].max(0), atol=1e-6)
+    assert_close(encoder.encode(["hi"], pooling="cls", normalize=False)[0], h[0, 0], TOL["route_fp32"], "cls")
+    assert_close(encoder.encode(["hi"], pooling="max", normalize=False)[0], h[0].max(0), TOL["route_fp32"], "max")
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
@@ -170,7 +170,7 @@ def test_plain_checkpoint_defaults_to_mean_without_normalize(tmp_path, minilm_di
     assert enc.pooling == ["mean"] and not enc.normalize and enc.max_seq_length == TINY["max_position_embeddings"]
     x = enc.tokenizer("hello there")
     h = minibert.BertModel.from_pretrained(path)(**x).last_hidden_state
-    np.testing.assert_allclose(enc.encode(["hello there"])[0], h[0].mean(0), atol=1e-6)
+    assert_close(enc.encode(["hello there"])[0], h[0].mean(0), TOL["route_fp32"], "mean")
 
 
 def test_pooling_config_with_several_modes_and_unsupported_modules(tmp_path, minilm_dir):
@@ -186,7 +186,7 @@ def test_pooling_config_with_several_modes_and_unsupported_modules(tmp_path, min
     v = enc.encode(["hello there"])
     assert v.shape == (1, 3 * TINY["hidden_size"])
     h = minibert.BertModel.from_pretrained(path)(**enc.tokenizer("hello there")).last_hidden_state[0]  # [4, H]
-    np.testing.assert_allclose(v[0], np.concatenate([h[0], h.mean(0), h.sum(0) / 2]), atol=1e-5)
+    assert_close(v[0], np.concatenate([h[0], h.mean(0), h.sum(0) / 2]), TOL["batching_fp32"], "concat")
     (path / "modules.json").write_text(json.dumps(modules + [
         {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
     with pytest.raises(NotImplementedError, match="sentence_transformers.models.Dense"):
