@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import machine, write_json
+from .common import machine, new_result, write_json
 from .model import batches, minilm_dir, model_dir, parse_shapes
 
 
@@ -47,7 +47,7 @@ def _worker(conn, tree, with_torch, path, threads):
     from minibert import BertModel, set_num_threads
 
     set_num_threads(threads)
-    model = BertModel.from_pretrained(path)
+    model = BertModel.from_pretrained(path, skip_padding=True)  # the packed mode, in both checkouts
     conn.send(("ready", str(Path(sys.modules["minibert"].__file__).resolve().parent)))
     while True:
         msg = conn.recv()
@@ -135,7 +135,7 @@ def main(argv=None):
                       f"maxdiff {diff:.1e}", flush=True)
         for s in settings.values():
             s.close()
-    out = a.output or f"benchmarks/results/ab-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = a.output or new_result("ab")
     write_json(out, dict(machine=host, threads=a.threads, repeats=a.repeats, gap_s=a.gap,
                          baseline=str(a.baseline) if a.baseline else None, rows=rows))
     print(f"wrote {out}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import platform
 from importlib import metadata
@@ -71,6 +72,12 @@ def machine() -> dict:
         "libraries": versions("minibert", "numpy", "numba", "llvmlite", "torch", "transformers"),
         "threads": threads(),
     }
+
+
+def new_result(name: str, ext: str = "json") -> str:
+    """A new file in benchmarks/results/ (name-YYYYmmdd-HHMMSS.ext): a run never overwrites the
+    committed results unless ``--output`` names them."""
+    return f"benchmarks/results/{name}-{time.strftime('%Y%m%d-%H%M%S')}.{ext}"
 
 
 def write_json(path, payload):

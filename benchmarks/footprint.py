@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from .common import machine, versions, write_json
+from .common import machine, new_result, versions, write_json
 
 TORCH_ENCODE = """
 import sys
@@ -152,7 +152,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--skip-memory", action="store_true", help="start-up only")
-    p.add_argument("--output", default="benchmarks/results/footprint.json")
+    p.add_argument("--output", default=None, help="JSON file (default: a new file in benchmarks/results/)")
     a = p.parse_args(argv)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = startup(a.repeats, a.threads)
@@ -170,7 +170,7 @@ def main(argv=None):
             print(f"{r['what']:44s} {r['wall_s']:8.2f} {r['peak_rss_mb']:12.0f}")
     info = machine()
     info["libraries"].update(versions("safetensors", "tokenizers"))
-    path = write_json(a.output, dict(benchmark="footprint", started=started, threads=a.threads, repeats=a.repeats,
+    path = write_json(a.output or new_result("footprint"), dict(benchmark="footprint", started=started, threads=a.threads, repeats=a.repeats,
                                      python=sys.executable, scipy_installed=scipy, machine=info, startup=rows,
                                      memory=mem))
     print(f"wrote {path}", file=sys.stderr)

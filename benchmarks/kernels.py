@@ -28,7 +28,7 @@ import numpy as np
 
 from minibert.kernels import OPS
 
-from .common import machine, write_json
+from .common import machine, new_result, write_json
 
 MODELS = {"base": dict(H=768, nH=12, I=3072), "minilm": dict(H=384, nH=12, I=1536)}
 TOL = {"float32": 2e-5, "float64": 1e-12}  # the same as tests/conftest.py's kernel tolerances
@@ -287,7 +287,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--output", default="benchmarks/results/kernels.json")
+    p.add_argument("--output", default=None, help="JSON file (default: a new file in benchmarks/results/)")
     p.add_argument("--threads", type=int, default=None, help="threads for Numba, BLAS and torch (default: all)")
     p.add_argument("--no-torch", action="store_true", help="leave out the torch rows")
     a = p.parse_args(argv)
@@ -310,7 +310,7 @@ def main(argv=None):
             torch.close()
     rows = ratios(rows)
     print_table(rows)
-    path = write_json(a.output, dict(benchmark="kernels", started=started, batch=a.batch, seq=a.seq, dtype=a.dtype,
+    path = write_json(a.output or new_result("kernels"), dict(benchmark="kernels", started=started, batch=a.batch, seq=a.seq, dtype=a.dtype,
                                      machine=machine(), results=rows))
     print(f"wrote {path}", file=sys.stderr)
     return 1 if any(r["status"] != "ok" for r in rows) else 0

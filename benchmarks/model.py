@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import machine, versions, write_json
+from .common import machine, new_result, versions, write_json
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 DENSE_SHAPES = [(1, 16), (1, 128), (8, 128), (1, 512)]
@@ -119,12 +119,16 @@ def sgemm_peak(threads: int, n: int = 2048, repeats: int = 7) -> float:
 
 
 # -- engines: each is (name, run(ids, mask, tt) -> last_hidden_state [B, T, H] as NumPy) --------------
-def engine_minibert(path, threads):
+def engine_minibert(path, threads, skip_padding=False):
     from minibert import BertModel, set_num_threads
 
     set_num_threads(threads)
-    m = BertModel.from_pretrained(path)
+    m = BertModel.from_pretrained(path, skip_padding=skip_padding)
     return lambda ids, mask, tt: m(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+
+
+def engine_minibert_packed(path, threads):  # skip_padding=True: a padded batch runs on its valid tokens only
+    return engine_minibert(path, threads, skip_padding=True)
 
 
 def engine_torch(path, threads):
@@ -204,7 +208,7 @@ def engine_ctranslate2(path, threads):
     return run
 
 
-ENGINES = {"minibert": engine_minibert, "pytorch": engine_torch, "onnxruntime": engine_onnxruntime,
+ENGINES = {"minibert": engine_minibert, "minibert-packed": engine_minibert_packed, "pytorch": engine_torch, "onnxruntime": engine_onnxruntime,
            "ctranslate2": engine_ctranslate2}
 
 
@@ -239,7 +243,7 @@ class Engine:
 
         ctx = mp.get_context("spawn")
         self.name, (self.conn, child) = name, ctx.Pipe()
-        if name == "minibert":  # what `import minibert` sets when it comes before NumPy, as in the CLI
+        if name.startswith("minibert"):  # what `import minibert` sets when it comes before NumPy, as in the CLI
             env = {"OPENBLAS_THREAD_TIMEOUT": "20", **env}
         self.proc = ctx.Process(target=_worker, args=(child, name, str(path), threads, env), daemon=True)
         saved = dict(os.environ)
@@ -410,8 +414,8 @@ def main(argv=None):
     p.add_argument("--gap", type=float, default=0.3, help="seconds of idle before each timed call")
     p.add_argument("--shapes", default=None,
                    help="comma-separated subset of " + ",".join([f"{B}x{T}" for B, T in DENSE_SHAPES] + ["mixed"]))
-    p.add_argument("--output", default="benchmarks/results/model.json")
-    p.add_argument("--chart", default="benchmarks/results/model.png")
+    p.add_argument("--output", default=None, help="JSON file (default: a new file in benchmarks/results/)")
+    p.add_argument("--chart", default=None, help="PNG file (default: the JSON file's name with .png)")
     a = p.parse_args(argv)
     wanted = ["minibert"] + [e for e in a.engines.split(",") if e and e != "minibert"]
     unknown = [e for e in wanted if e not in ENGINES]
@@ -450,8 +454,8 @@ def main(argv=None):
     payload = dict(benchmark="model", started=started, threads=a.threads, repeats=a.repeats, gap_s=a.gap,
                    sgemm_peak_gflop_s=peak, sgemm_peak_end_gflop_s=peak_end, shapes=a.shapes or "all",
                    machine=info, skipped=skipped, results=rows, breakdown=dict(model=models[0], shape=[8, 128], ops=bd))
-    path = write_json(a.output, payload)
-    png = chart(rows, a.chart)
+    path = write_json(a.output or new_result("model"), payload)
+    png = chart(rows, a.chart or str(path.with_suffix(".png")))
     print(f"wrote {path}" + (f" and {png}" if png else ""), file=sys.stderr)
     return 0
 

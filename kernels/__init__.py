@@ -47,3 +47,18 @@ from .registry import OPS, available, default, get, register, select  # noqa: F4
 from . import activations, attention, dense, gemm, layernorm, softmax  # noqa: F401  (importing registers the versions)
 
 __all__ = ["OPS", "available", "default", "get", "register", "select"]
+
+
+def compiled(dtype) -> bool:
+    """Whether the attention kernel for ``dtype`` (the slowest of the default set to compile) is
+    in Numba's on-disk cache for this CPU, i.e. whether a first pass will load rather than compile.
+    Reads Numba's cache index (not a public API): False whenever that cannot be told."""
+    import numpy as np
+
+    try:
+        k = attention._attention_tiled
+        magic = k.targetctx.codegen().magic_tuple()
+        name = np.dtype(dtype).name
+        return any(key[1] == magic and str(key[0][0].dtype) == name for key in k._cache._cache_file._load_index())
+    except Exception:  # noqa: BLE001  (another Numba version's internals: say "not compiled")
+        return False

@@ -22,19 +22,19 @@ DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
 def _resolve_dtype(dtype) -> np.dtype:
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return np.dtype(DTYPES[dtype])
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'")
-    return dt
+    """float32 or float64 by name, NumPy type or dtype; anything else (None, "", "bf16", float16
+    ...) is an error, never a silent float64 (``np.dtype(None)`` is float64)."""
+    if isinstance(dtype, str):
+        if dtype in DTYPES:
+            return np.dtype(DTYPES[dtype])
+    elif dtype in (np.float32, np.float64) or (isinstance(dtype, np.dtype) and dtype in (np.float32, np.float64)):
+        return np.dtype(dtype)
+    raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64' "
+                     "(or np.float32, np.float64): minibert computes in float32 or float64 only")
 
 
 def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir, local_files_only,
-                    attn_implementation, config_overrides):
+                    attn_implementation, config_overrides, num_labels=None):
     """(config, params, heads, name) for ``from_pretrained`` of BertModel and the task models."""
     dt = _resolve_dtype(dtype)
     select(kernels)  # a bad kernel set fails before any file is read
@@ -47,6 +47,11 @@ def load_pretrained(name_or_path, *, dtype, kernels, pooler, revision, cache_dir
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json")
     config = BertConfig.from_json_file(config_path, strict=True, **config_overrides)
+    if num_labels is not None:  # transformers: keep the checkpoint's labels when their number is n
+        config.extra["num_labels"] = num_labels
+        if len(config.extra.get("id2label") or {}) != num_labels:
+            config.extra["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+            config.extra["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
     params, heads = load_weights(model_dir, config, dt, pooler=pooler)
     # read-only: no one else holds these arrays, and a weight that cannot change in place can be
     # packed once for the dense layers' GEMM (kernels/gemm.py); a new value is assigned instead
@@ -81,7 +86,7 @@ class BertModel(Module):
 
     def __init__(self, config: BertConfig, params: Dict[str, np.ndarray], *, kernels: str = "numba",
                  heads: Optional[Dict[str, np.ndarray]] = None, name_or_path: Optional[str] = None,
-                 skip_padding: bool = True):
+                 skip_padding: bool = False):
         """``params``: ``{checkpoint name: array}`` as :func:`minibert.weights.load_weights` returns.
         ``skip_padding``: see :meth:`from_pretrained`."""
         nested = nest(params)
@@ -107,7 +112,7 @@ class BertModel(Module):
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", add_pooling_layer: bool = True,
                         revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False,
-                        attn_implementation: Optional[str] = None, skip_padding: bool = True,
+                        attn_implementation: Optional[str] = None, skip_padding: bool = False,
                         **config_overrides) -> "BertModel":
         """Load a local directory or a Hub repo id (None: the default model).
 
@@ -117,11 +122,13 @@ class BertModel(Module):
         and ``local_files_only`` go to the Hub client; ``attn_implementation`` may be "eager" or
         "sdpa" (the same mathematics; minibert computes it one way).
 
-        ``skip_padding=True`` (default): a padded batch runs packed, on its valid tokens only, so
-        padding costs no work; ``last_hidden_state`` and ``hidden_states`` hold zeros at padding
-        positions (valid positions match transformers). ``skip_padding=False`` (or setting
-        ``model.skip_padding = False``) computes padding positions as transformers does. Asking
-        for attentions or captures always runs the dense batch.
+        ``skip_padding=False`` (default): every position is computed as transformers does, padding
+        included. ``skip_padding=True`` (or setting ``model.skip_padding = True``): a padded batch
+        runs packed, on its valid tokens only, so padding costs no work; ``last_hidden_state`` and
+        ``hidden_states`` then hold zeros at padding positions (valid positions, ``pooler_output``
+        and the heads' outputs there match transformers); with a pooler, a batch with a row that
+        starts with padding runs dense (the pooler reads position 0). Asking for attentions or
+        captures always runs the dense batch.
         """
         config, params, heads, name = load_pretrained(
             name_or_path, dtype=dtype, kernels=kernels, pooler=add_pooling_layer, revision=revision,
@@ -131,22 +138,25 @@ class BertModel(Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                return_dict: Optional[bool] = None, capture=None) -> BaseModelOutputWithPooling:
+                return_dict: Optional[bool] = None, capture=None, inputs_embeds=None) -> BaseModelOutputWithPooling:
         """``capture``: tap names or glob patterns (see :meth:`tap_names`); the arrays come back in
-        ``out.captures``, e.g. ``capture=["encoder.layer.*.attention.self.probs"]``."""
+        ``out.captures``, e.g. ``capture=["encoder.layer.*.attention.self.probs"]``.
+        ``inputs_embeds`` [B, T, H]: vectors used in place of the word embeddings of ``input_ids``
+        (give one or the other), as transformers."""
         out = self.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions,
-                       capture)
+                       capture, inputs_embeds=inputs_embeds)
         result = BaseModelOutputWithPooling(**out)
         return result.to_tuple() if return_dict is False else result
 
     def run(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
             output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-            capture=None, skip_padding: Optional[bool] = None) -> Dict:
+            capture=None, skip_padding: Optional[bool] = None, inputs_embeds=None) -> Dict:
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
         ``skip_padding`` None: the model's ``skip_padding``."""
         c = self.config
         tap = taps.select(capture, self.tap_names()) if capture is not None else None
-        ids, mask, tt, pos = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, self.dtype)
+        ids, mask, tt, pos, embeds = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids,
+                                                    self.dtype, inputs_embeds)
         pooler = self.pooler
         with runtime.running():
             return F.bert(
@@ -155,6 +165,7 @@ class BertModel(Module):
                 output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
                 output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
                 tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
+                inputs_embeds=embeds,
             )
 
     def tap_names(self) -> List[str]:

@@ -47,6 +47,7 @@ def cmd_encode(args) -> int:
     if max_length > model.config.max_position_embeddings:
         raise ValueError(f"--max-length {max_length} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
+    warn_truncated(tokenizer, args.texts, max_length)
     x = tokenizer(args.texts, padding=True, truncation=True, max_length=max_length)
     t1 = time.perf_counter()
     out = model(**x, output_hidden_states=args.hidden_states, output_attentions=args.attentions)
@@ -157,15 +158,36 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def warn_truncated(tokenizer, texts: List[str], limit: int, chunk: int = 1024) -> int:
+    """Say on stderr how many texts are longer than ``limit`` tokens (they are truncated); returns it."""
+    n, longest = 0, 0
+    for s in range(0, len(texts), chunk):
+        lengths = tokenizer(texts[s:s + chunk], padding=True)["attention_mask"].sum(axis=1)
+        n += int((lengths > limit).sum())
+        longest = max(longest, int(lengths.max()))
+    if n:
+        log.warning("%d of %d text(s) are longer than %d tokens (the longest %d) and were truncated to %d",
+                    n, len(texts), limit, longest, limit)
+    return n
+
+
 # -- embed / similarity -------------------------------------------------------------------------
-def read_texts(path: str) -> List[str]:
+def read_texts(path: str, encoding: str = "utf-8") -> List[str]:
     """One text a line, or JSON Lines with a "text" field (a .jsonl name, or a first line that is
     a JSON object). Every line is a row: row i of the output is line i + 1 of the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise OSError(f"--input {path}: {e.strerror or e}") from None
+    try:
+        lines = raw.decode(encoding).splitlines()
+    except LookupError:
+        raise ValueError(f"--encoding {encoding}: not an encoding Python knows (e.g. utf-8, latin-1, cp1252)") from None
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"--input {path}: line {line} is not valid {encoding} (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start}); give the file's encoding with --encoding, e.g. --encoding latin-1") from None
     first = next((ln for ln in lines if ln.strip()), "")
     if not (path.endswith(".jsonl") or first.lstrip().startswith("{")):
         return lines
@@ -198,12 +220,13 @@ def cmd_embed(args) -> int:
         raise ValueError("give TEXTs or --input FILE, not both")
     if not args.texts and not args.input:
         raise ValueError("nothing to embed: give TEXTs or --input FILE")
-    texts = read_texts(args.input) if args.input else args.texts
+    texts = read_texts(args.input, args.encoding) if args.input else args.texts
     if not texts:
         raise ValueError(f"--input {args.input} holds no text")
     if args.output and not args.output.endswith(".npy"):
         raise ValueError(f"--output {args.output}: expected a .npy file name")
     enc = _encoder(args)
+    warn_truncated(enc.tokenizer, texts, enc.max_seq_length)
     t0 = time.perf_counter()
     progress = len(texts) > args.batch_size and not args.no_progress
     vecs = enc.encode(texts, batch_size=args.batch_size, pooling=args.pooling, normalize=args.normalize,
@@ -224,6 +247,7 @@ def cmd_similarity(args) -> int:
     if len(args.texts) < 2:
         raise ValueError(f"similarity needs at least two TEXTs; got {len(args.texts)}")
     enc = _encoder(args)
+    warn_truncated(enc.tokenizer, args.texts, enc.max_seq_length)
     sim = enc.similarity(args.texts)  # [N, N] cosine
     width = 8
     print("cosine similarity")
@@ -265,13 +289,18 @@ def attention_entropy(probs) -> np.ndarray:  # [B, nH, T, T] -> [B, nH]: mean ov
     return -(p * np.log(np.where(p > 0, p, 1))).sum(-1).mean(-1)
 
 
-def plot_attention(path: str, probs, tokens: List[str], layer: int, head: Optional[int]) -> None:
-    """Heat map of one head ([T, T]) or a grid of every head of the layer, token labels on both axes."""
+def _need_matplotlib():
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise RuntimeError("--attention-png needs matplotlib, which is not installed: "
-                           "pip install 'minibert[plot]' (or pip install matplotlib)") from None
+                           "pip install matplotlib (or, in a checkout of minibert, pip install '.[plot]')") from None
+
+
+def plot_attention(path: str, probs, tokens: List[str], layer: int, head: Optional[int]) -> None:
+    """Heat map of one head ([T, T]) or a grid of every head of the layer, token labels on both axes."""
+    _need_matplotlib()
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -301,6 +330,8 @@ def cmd_inspect(args) -> int:
     from . import BertModel, BertTokenizer
     from .hub import resolve_model_dir
 
+    if args.attention_png:
+        _need_matplotlib()  # before any work, not after printing everything
     model_dir = resolve_model_dir(args.model)
     tokenizer = BertTokenizer.from_pretrained(model_dir)
     model = BertModel.from_pretrained(model_dir, dtype=args.dtype, kernels=args.kernels)
@@ -371,6 +402,9 @@ def _common(p, default_model: str, default_help: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minibert", description="BERT inference in NumPy and Numba.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"minibert {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("encode", help="run the model on texts and show its outputs",
                        description="Tokenize TEXTs, run BertModel, print tokens, shapes and a few values.")
@@ -409,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Lines with a 'text' field), with SentenceEncoder; print them or save a .npy.")
     em.add_argument("texts", nargs="*", metavar="TEXT")
     em.add_argument("--input", default=None, metavar="FILE", help="texts to embed, one a line (.txt) or JSONL")
+    em.add_argument("--encoding", default="utf-8", help="the --input file's text encoding (default: utf-8)")
     em.add_argument("--output", default=None, metavar="OUT.npy", help="save the float32 [N, H] embeddings")
     _common(em, None, f"local directory or Hub repo id (default: {DEFAULT_MODEL})")
     em.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
@@ -448,6 +483,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             set_num_threads(args.threads)
             log.info("threads: %d (Numba and BLAS)", args.threads)
+        if getattr(args, "dtype", None) and getattr(args, "kernels", "numba") == "numba":
+            from .kernels import compiled
+
+            if not compiled(args.dtype):
+                log.info("compiling minibert's %s kernels for this CPU: about 15-30 s, once (later runs load "
+                         "them from Numba's cache)", args.dtype)
         return args.func(args)
     except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
         print(f"minibert: error: {e}", file=sys.stderr)

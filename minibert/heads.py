@@ -129,9 +129,10 @@ class BertPreTrainedModel(Module):
     needs_pooler = False  # the head reads pooler_output (NSP, sequence classification)
 
     def __init__(self, config: BertConfig, params: Dict[str, np.ndarray], heads: Dict[str, np.ndarray], *,
-                 kernels: str = "numba", name_or_path: Optional[str] = None):
+                 kernels: str = "numba", name_or_path: Optional[str] = None, skip_padding: bool = False):
         super().__init__()
-        bert = BertModel(config, params, kernels=kernels, heads=heads, name_or_path=name_or_path)
+        bert = BertModel(config, params, kernels=kernels, heads=heads, name_or_path=name_or_path,
+                         skip_padding=skip_padding)
         if self.needs_pooler and bert.pooler is None:
             raise CheckpointError(
                 f"checkpoint is missing tensor(s) ['pooler.dense.weight', 'pooler.dense.bias'] that "
@@ -214,33 +215,39 @@ class BertPreTrainedModel(Module):
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", revision: Optional[str] = None,
                         cache_dir=None, local_files_only: bool = False, attn_implementation: Optional[str] = None,
-                        **config_overrides):
+                        skip_padding: bool = False, **config_overrides):
         """As :meth:`minibert.BertModel.from_pretrained`; the checkpoint must hold the head's weights.
 
-        ``num_labels=n`` (as in transformers) replaces the config's labels by LABEL_0 ... LABEL_{n-1}
-        when their number differs; the classifier in the file must then have n outputs."""
+        ``num_labels=n`` (as in transformers) keeps the checkpoint's labels when there are n of them
+        and replaces them by LABEL_0 ... LABEL_{n-1} otherwise; the classifier in the file must have
+        n outputs."""
         n = config_overrides.pop("num_labels", None)
-        if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise ValueError(f"num_labels={n!r}; expected a positive integer")
-            config_overrides["num_labels"] = n
-            current = config_overrides.get("id2label")
-            if current is None or len(current) != n:
-                config_overrides["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
-                config_overrides["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+            raise ValueError(f"num_labels={n!r}; expected a positive integer")
         config, params, heads, name = load_pretrained(
             name_or_path, dtype=dtype, kernels=kernels, pooler=cls.needs_pooler, revision=revision,
             cache_dir=cache_dir, local_files_only=local_files_only, attn_implementation=attn_implementation,
-            config_overrides=config_overrides)
-        return cls(config, params, heads, kernels=kernels, name_or_path=name)
+            config_overrides=config_overrides, num_labels=n)
+        return cls(config, params, heads, kernels=kernels, name_or_path=name, skip_padding=skip_padding)
+
+    @property
+    def skip_padding(self) -> bool:
+        """The encoder's mode (:meth:`minibert.BertModel.from_pretrained`): False computes padding
+        positions as transformers does; True runs padded batches packed."""
+        return self.bert.skip_padding
+
+    @skip_padding.setter
+    def skip_padding(self, value):
+        self.bert.skip_padding = bool(value)
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                output_attentions, capture, *labels) -> Dict:
+                output_attentions, capture, *labels, inputs_embeds=None) -> Dict:
         # with labels, the loss is transformers' own only if padding positions are computed as it
         # does (labels there need not be -100): such calls run the dense batch
         dense = any(y is not None for y in labels)
         return self.bert.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                             output_attentions, capture, skip_padding=False if dense else None)
+                             output_attentions, capture, skip_padding=False if dense else None,
+                             inputs_embeds=inputs_embeds)
 
     def tap_names(self):
         """The encoder's taps (:meth:`minibert.BertModel.tap_names`); ``capture=`` takes them here too."""
@@ -283,9 +290,9 @@ class BertForMaskedLM(BertPreTrainedModel):
         self._add("cls", BertOnlyMLMHead({"predictions": self._lm_params()}, self.config, self._k, self._ties()))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> MaskedLMOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> MaskedLMOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
         logits = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         loss = None
         if labels is not None:
@@ -308,9 +315,9 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         self._add("cls", BertOnlyNSPHead(self._params["cls"]))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> NextSentencePredictorOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> NextSentencePredictorOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
         logits = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
         if labels is not None:
@@ -335,9 +342,9 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  next_sentence_label=None, output_hidden_states=None, output_attentions=None,
-                 return_dict=None, capture=None) -> BertForPreTrainingOutput:
+                 return_dict=None, capture=None, inputs_embeds=None) -> BertForPreTrainingOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels, next_sentence_label)
+                           output_attentions, capture, labels, next_sentence_label, inputs_embeds=inputs_embeds)
         mlm = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         nsp = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
@@ -385,9 +392,9 @@ class BertForSequenceClassification(_Classifier):
         return self.config.extra.get("problem_type")
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> SequenceClassifierOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> SequenceClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
         logits = F.linear(out["pooler_output"], **self._params["classifier"])  # [B, num_labels]
         loss = None if labels is None else self._loss(logits, labels)
         return self._finish(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
@@ -420,9 +427,9 @@ class BertForTokenClassification(_Classifier):
     """``logits`` [B, T, num_labels], one prediction per token; ``labels`` [B, T] (-100: not scored)."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None) -> TokenClassifierOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> TokenClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
         logits = F.linear(out["last_hidden_state"], **self._params["classifier"])  # [B, T, num_labels]
         loss = None
         if labels is not None:
@@ -442,9 +449,9 @@ class BertForQuestionAnswering(_Classifier):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  start_positions=None, end_positions=None, output_hidden_states=None, output_attentions=None,
-                 return_dict=None, capture=None) -> QuestionAnsweringModelOutput:
+                 return_dict=None, capture=None, inputs_embeds=None) -> QuestionAnsweringModelOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, start_positions, end_positions)
+                           output_attentions, capture, start_positions, end_positions, inputs_embeds=inputs_embeds)
         logits = F.linear(out["last_hidden_state"], **self._params["qa_outputs"])  # [B, T, 2]
         start, end = logits[..., 0], logits[..., 1]  # [B, T] each
         loss = None

@@ -46,30 +46,47 @@ def _check_range(name: str, arr: np.ndarray, upper: int, what: str):
 
 
 def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                   dtype=np.float32):
-    """Checked ``(input_ids, attention_mask, token_type_ids, position_ids)``: int64 [B, T]
-    (the mask in ``dtype``). A 1-D sequence becomes a batch of one."""
-    if input_ids is None:
-        raise ValueError("input_ids is required")
-    ids = _as_int_array("input_ids", input_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
-        one = True
+                   dtype=np.float32, inputs_embeds=None):
+    """Checked ``(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)``: int64
+    [B, T] (the mask in ``dtype``), and either ``input_ids`` or ``inputs_embeds`` ([B, T, H] in
+    ``dtype``) None, as the caller gave one or the other. A single sequence becomes a batch of one."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give either input_ids or inputs_embeds" if input_ids is None else
+                         "input_ids and inputs_embeds were both given; give one of them, as in transformers")
+    embeds = None
+    if inputs_embeds is not None:
+        embeds = _as_array("inputs_embeds", inputs_embeds)
+        if embeds.dtype.kind not in "iuf":
+            raise TypeError(f"inputs_embeds has dtype {embeds.dtype}; expected floats")
+        one = embeds.ndim == 2
+        if one:
+            embeds = embeds[None]
+        if embeds.ndim != 3 or embeds.shape[2] != config.hidden_size:
+            raise ValueError(f"inputs_embeds has shape {np.shape(inputs_embeds)}; expected [B, T, {config.hidden_size}] "
+                             f"or [T, {config.hidden_size}] (hidden_size {config.hidden_size})")
+        embeds = np.ascontiguousarray(embeds, dtype=dtype)
+        ids = np.zeros(embeds.shape[:2], dtype=np.int64)  # stands in for the shape checks below; never looked up
+        name = "inputs_embeds"
     else:
-        one = False
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids has {ids.ndim} dimensions (shape {ids.shape}); expected [T] or [B, T]")
+        ids = _as_int_array("input_ids", input_ids)
+        one = ids.ndim == 1
+        if one:
+            ids = ids[None, :]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids has {ids.ndim} dimensions (shape {ids.shape}); expected [T] or [B, T]")
+        _check_range("input_ids", ids, config.vocab_size, f"vocab_size is {config.vocab_size}")
+        name = "input_ids"
     B, T = ids.shape
     if T == 0:
-        raise ValueError(f"input_ids has shape {ids.shape}: sequences of 0 tokens; every sequence needs at least one token")
-    _check_range("input_ids", ids, config.vocab_size, f"vocab_size is {config.vocab_size}")
+        raise ValueError(f"{name} has shape {np.shape(inputs_embeds if embeds is not None else input_ids)}: sequences "
+                         "of 0 tokens; every sequence needs at least one token")
 
-    def same_shape(name, value):
-        arr = _as_int_array(name, value) if name != "attention_mask" else _as_array(name, value)
+    def same_shape(what, value):
+        arr = _as_int_array(what, value) if what != "attention_mask" else _as_array(what, value)
         if one and arr.ndim == 1:
             arr = arr[None, :]
         if arr.shape != ids.shape:
-            raise ValueError(f"{name} has shape {arr.shape}; expected {ids.shape}, the shape of input_ids")
+            raise ValueError(f"{what} has shape {arr.shape}; expected {ids.shape}, the shape of {name}")
         return arr
 
     if attention_mask is None:
@@ -94,7 +111,7 @@ def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_typ
     if position_ids is None:
         if T > P:
             raise ValueError(
-                f"input_ids has {T} tokens per sequence; the model takes at most max_position_embeddings={P} "
+                f"{name} has {T} tokens per sequence; the model takes at most max_position_embeddings={P} "
                 "(truncate, e.g. tokenizer(..., truncation=True, max_length=...))"
             )
         pos = np.empty((B, T), dtype=np.int64)
@@ -108,4 +125,5 @@ def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_typ
         _check_range("position_ids", pos, P, f"max_position_embeddings is {P}")
         pos = np.broadcast_to(pos, (B, T))
 
-    return ids.astype(np.int64, copy=False), mask, tt.astype(np.int64, copy=False), pos.astype(np.int64, copy=False)
+    ids = None if embeds is not None else ids.astype(np.int64, copy=False)
+    return ids, mask, tt.astype(np.int64, copy=False), pos.astype(np.int64, copy=False), embeds

@@ -94,10 +94,11 @@ class Batch:
 
 
 def embeddings(input_ids, token_type_ids, position_ids, *, word_embeddings, position_embeddings,
-               token_type_embeddings, LayerNorm, eps, k):  # [...] x3 -> [..., H]
+               token_type_embeddings, LayerNorm, eps, k, inputs_embeds=None):  # [...] x3 -> [..., H]
+    # inputs_embeds [..., H], if given, stand in for the word embeddings (input_ids is then None).
     # np.asarray: the tables are views of the memory-mapped file, and a gather from an np.memmap
     # runs its Python __getitem__ and __array_finalize__ (~10 µs a pass)
-    x = np.asarray(word_embeddings["weight"])[input_ids]  # [..., H]
+    x = np.array(inputs_embeds) if inputs_embeds is not None else np.asarray(word_embeddings["weight"])[input_ids]
     x += np.asarray(token_type_embeddings["weight"])[token_type_ids]
     pos = np.asarray(position_embeddings["weight"])[position_ids]  # [..., H]
     # LayerNorm((word + token_type) + position): transformers' order of adds, the last in the kernel
@@ -245,29 +246,33 @@ def lm_head(h, *, transform, decoder, bias, eps, act, k):  # [..., H] -> [..., V
 
 def bert(params: Dict, layers: List[LayerDense], pooler_dense, input_ids, attention_mask, token_type_ids,
          position_ids, *, n_head: int, eps: float, k: Dict, output_hidden_states: bool = False,
-         output_attentions: bool = False, tap=None, skip_padding: bool = True):
+         output_attentions: bool = False, tap=None, skip_padding: bool = False, inputs_embeds=None):
     """The whole BertModel. ``layers``: each layer's :class:`LayerDense`; ``pooler_dense``: the
     pooler's dense layer, or None for no pooler. Inputs are checked int64 [B, T] arrays
     (``attention_mask`` 0/1 in the compute dtype). Returns a dict of last_hidden_state [B, T, H],
     pooler_output [B, H] or None, hidden_states (L + 1 of [B, T, H]) or None, attentions (L of
-    [B, nH, T, T]) or None, and captures ({tap name: array}) or None.
+    [B, nH, T, T]) or None, and captures ({tap name: array}) or None. ``inputs_embeds`` [B, T, H]
+    stand in for the word embeddings of ``input_ids`` (then None), as in transformers.
 
-    ``skip_padding`` (the default): a batch with padding runs packed (see :class:`Batch`), and
-    the outputs hold zeros at padding positions; valid positions are unchanged. Asking for
-    attentions or captures, or ``skip_padding=False``, runs the dense batch as transformers does,
-    whose padding positions hold values computed from the pad tokens."""
+    ``skip_padding=False`` runs the dense batch as transformers does: padding positions hold values
+    computed from the pad tokens. ``skip_padding=True``: a batch with padding runs packed (see
+    :class:`Batch`) and the outputs hold zeros at padding positions; valid positions and the
+    pooler are unchanged. Asking for attentions or captures always runs the dense batch."""
     dtype = params["embeddings"]["LayerNorm"]["weight"].dtype
     wanted, tap = tap, (tap or None)  # an empty Taps runs like None and still returns {}
     valid = attention_mask != 0  # [B, T]
     B, T = valid.shape
     padded = not valid.all()
-    if skip_padding and padded and not (output_attentions or tap):
+    # packed: only the valid tokens run. Not when a pooler reads a padding position 0 (left padding):
+    # transformers' pooler_output is computed from that pad token's hidden state
+    if skip_padding and padded and not (output_attentions or tap) and (pooler_dense is None or valid[:, 0].all()):
         batch = Batch.packed(valid)
-        ids, tt, pos = (a.reshape(-1)[batch.rows] for a in (input_ids, token_type_ids, position_ids))  # [N]
+        flat = lambda a: None if a is None else a.reshape(-1, *a.shape[2:])[batch.rows]  # noqa: E731  [N, ...]
     else:  # no additive mask at all without padding: adding zeros would change nothing
         batch = Batch(B, T, mask=additive_mask(attention_mask, dtype) if padded else None)
-        ids, tt, pos = (a.reshape(-1) for a in (input_ids, token_type_ids, position_ids))  # [B·T]
-    x = embeddings(ids, tt, pos, **params["embeddings"], eps=eps, k=k)  # [N, H]
+        flat = lambda a: None if a is None else a.reshape(-1, *a.shape[2:])  # noqa: E731  [B·T, ...]
+    x = embeddings(flat(input_ids), flat(token_type_ids), flat(position_ids), **params["embeddings"], eps=eps, k=k,
+                   inputs_embeds=flat(inputs_embeds))  # [N, H]
     if tap:
         tap("embeddings", batch.unpack(x))
     # intermediates are kept only when asked for: nothing of a layer outlives the next one otherwise

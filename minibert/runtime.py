@@ -332,7 +332,15 @@ def set_num_threads(n: Optional[int]) -> int:
     return n
 
 
-def get_num_threads() -> dict:
+def get_num_threads() -> int:
+    """The threads this thread's kernels run on, as ``torch.get_num_threads()``
+    (:func:`thread_pools` has each pool's count)."""
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def thread_pools() -> dict:
     """{"numba": n, "blas": [threads of each BLAS library loaded]}."""
     import numba
     from threadpoolctl import threadpool_info

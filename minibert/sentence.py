@@ -88,10 +88,23 @@ def pool(mode: str, hidden, attention_mask):  # [B, T, H], [B, T] -> [B, H]
 
 
 class SentenceEncoder:
-    """``SentenceEncoder.from_pretrained(name_or_path).encode(sentences)`` -> float32 [N, H]."""
+    """``SentenceEncoder(name_or_path).encode(sentences)`` -> float32 [N, H], as sentence-transformers'
+    ``SentenceTransformer`` (also importable under that name). ``SentenceEncoder(model, tokenizer,
+    pooling, normalize, max_seq_length)`` wraps a loaded BertModel and tokenizer instead."""
 
-    def __init__(self, model: BertModel, tokenizer: BertTokenizer, pooling: Sequence[str] = ("mean",),
-                 normalize: bool = False, max_seq_length: Optional[int] = None):
+    def __init__(self, model=None, tokenizer: Optional[BertTokenizer] = None, pooling: Sequence[str] = ("mean",),
+                 normalize: bool = False, max_seq_length: Optional[int] = None, **load_kwargs):
+        if not isinstance(model, BertModel):  # a name or path (None: the default model), as sentence-transformers
+            if tokenizer is not None:
+                raise TypeError("SentenceEncoder(name_or_path) loads its own tokenizer; pass a BertModel to give one")
+            loaded = type(self).from_pretrained(model, **load_kwargs)
+            self.__dict__.update(loaded.__dict__)
+            return
+        if load_kwargs:
+            raise TypeError(f"SentenceEncoder(model, ...) got loading options {sorted(load_kwargs)}; they apply to "
+                            "SentenceEncoder(name_or_path, ...)")
+        if tokenizer is None:
+            raise TypeError("SentenceEncoder(model, tokenizer, ...): the tokenizer is missing")
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.normalize = list(pooling), bool(normalize)
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
@@ -106,7 +119,8 @@ class SentenceEncoder:
         st = read_st_config(model_dir)
         model = BertModel.from_pretrained(model_dir, dtype=dtype, kernels=kernels, add_pooling_layer=False, **kwargs)
         tokenizer = BertTokenizer.from_pretrained(model_dir)
-        enc = cls(model, tokenizer, st["pooling"], st["normalize"], st["max_seq_length"])
+        enc = cls.__new__(cls)
+        SentenceEncoder.__init__(enc, model, tokenizer, st["pooling"], st["normalize"], st["max_seq_length"])
         logger.debug("SentenceEncoder %s: pooling %s, normalize %s, max_seq_length %d", model_dir, enc.pooling,
                      enc.normalize, enc.max_seq_length)
         return enc
@@ -115,14 +129,43 @@ class SentenceEncoder:
     def dim(self) -> int:
         return self.model.config.hidden_size * len(self.pooling)
 
-    def encode(self, sentences: Union[str, Sequence[str]], batch_size: int = 32, pooling: Optional[str] = None,
-               normalize: Optional[bool] = None, show_progress_bar: bool = False) -> np.ndarray:
-        """float32 [N, H], rows in input order (a single string gives [H], as in sentence-transformers).
+    def encode(self, sentences: Union[str, Sequence[str]], batch_size: int = 32,
+               show_progress_bar: Optional[bool] = None, output_value: str = "sentence_embedding",
+               convert_to_numpy: bool = True, convert_to_tensor: bool = False, normalize_embeddings: bool = False,
+               pooling: Optional[str] = None, normalize: Optional[bool] = None):
+        """float32 [N, H], rows in input order (a single string gives [H]), as sentence-transformers.
 
-        ``pooling``: None (the checkpoint's), "mean", "cls", "max" or "mean_sqrt_len";
-        ``normalize``: None (the checkpoint's), True or False. Sentences longer than
-        ``max_seq_length`` tokens are truncated, as sentence-transformers does. Batches are formed
-        from sentences sorted by length, so little is spent on padding."""
+        sentence-transformers' arguments: ``normalize_embeddings=True`` normalizes to unit length
+        (the checkpoint's Normalize module applies either way); ``convert_to_numpy=False`` gives a
+        list of [H] arrays; ``output_value="token_embeddings"`` gives each sentence's [n_i, H] token
+        vectors (its valid tokens). ``convert_to_tensor=True`` is an error: minibert returns NumPy.
+        minibert's own: ``pooling`` None (the checkpoint's), "mean", "cls", "max" or
+        "mean_sqrt_len"; ``normalize`` None (the checkpoint's), True or False. Sentences longer
+        than ``max_seq_length`` tokens are truncated, as sentence-transformers does. Batches are
+        formed from sentences sorted by length, so little is spent on padding."""
+        if convert_to_tensor:
+            raise ValueError("convert_to_tensor=True: minibert has no torch; its embeddings are NumPy arrays "
+                             "(torch.from_numpy(emb) makes a tensor of them)")
+        if output_value not in ("sentence_embedding", "token_embeddings"):
+            raise ValueError(f"output_value={output_value!r}; expected 'sentence_embedding' or 'token_embeddings'")
+        if normalize_embeddings and normalize is None:
+            normalize = True
+        if output_value == "token_embeddings":
+            return self._token_embeddings(sentences, batch_size)
+        out = self._encode(sentences, batch_size, pooling, normalize, bool(show_progress_bar))
+        return out if convert_to_numpy or out.ndim == 1 else list(out)
+
+    def _token_embeddings(self, sentences, batch_size):
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        out = []
+        for s in range(0, len(texts), batch_size):
+            x = self.tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=self.max_seq_length)
+            h = self.model.run(**x, skip_padding=True)["last_hidden_state"]
+            out += [h[i, m.astype(bool)].astype(np.float32) for i, m in enumerate(x["attention_mask"])]
+        return out[0] if single else out
+
+    def _encode(self, sentences, batch_size, pooling, normalize, show_progress_bar) -> np.ndarray:
         single = isinstance(sentences, str)
         texts: List[str] = [sentences] if single else list(sentences)
         for i, t in enumerate(texts):
@@ -149,7 +192,8 @@ class SentenceEncoder:
         for s in starts:
             idx = order[s:s + batch_size]
             x = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_seq_length)
-            h = self.model(**x).last_hidden_state  # [b, T, H]
+            # packed (skip_padding): the pooling below never reads padding positions
+            h = self.model.run(**x, skip_padding=True)["last_hidden_state"]  # [b, T, H]
             v = np.concatenate([pool(m, h, x["attention_mask"]) for m in modes], axis=-1)  # [b, dim]
             if norm:
                 v = P.normalize(v)
@@ -165,10 +209,24 @@ class SentenceEncoder:
         return np.concatenate(out)
 
     def similarity(self, a, b=None) -> np.ndarray:
-        """Cosine similarity matrix [N, M] between the embeddings of ``a`` and ``b`` (default: ``a``)."""
-        ea = P.normalize(self.encode(list(a)).astype(np.float64))
-        eb = ea if b is None else P.normalize(self.encode(list(b)).astype(np.float64))
+        """Cosine similarity matrix [N, M] between ``a`` and ``b`` (default: ``a``), each either
+        embeddings ([N, H] or [H], as sentence-transformers' ``similarity``) or texts to encode."""
+        ea = P.normalize(self._as_embeddings(a, "a"))
+        eb = ea if b is None else P.normalize(self._as_embeddings(b, "b"))
         return ea @ eb.T
+
+    def _as_embeddings(self, x, name) -> np.ndarray:  # -> float64 [N, H]
+        if isinstance(x, str):
+            return self.encode([x]).astype(np.float64)
+        if isinstance(x, np.ndarray) or (isinstance(x, (list, tuple)) and x and not isinstance(x[0], str)):
+            e = np.asarray(x, dtype=np.float64)
+            if e.ndim == 1:
+                e = e[None]
+            if e.ndim != 2 or e.shape[1] != self.dim:
+                raise ValueError(f"similarity: {name} has shape {e.shape}; expected embeddings [N, {self.dim}] "
+                                 "(or [H]) or a list of texts")
+            return e
+        return self.encode(list(x)).astype(np.float64)
 
     def __repr__(self):
         return (f"SentenceEncoder({self.model.name_or_path!r}, pooling={self.pooling}, normalize={self.normalize}, "

@@ -45,6 +45,15 @@ class BatchEncoding(dict):
     def __repr__(self):
         return "BatchEncoding(" + ", ".join(f"{k}: shape {tuple(v.shape)}" for k, v in self.items()) + ")"
 
+    def to(self, device):
+        """``self`` for the CPU (``"cpu"`` or a ``torch.device("cpu")``), as transformers' ``.to``;
+        minibert runs on the CPU only, so any other device is an error."""
+        kind = getattr(device, "type", device)
+        if kind != "cpu" or (not isinstance(device, str) and getattr(device, "index", None) not in (None, 0)):
+            raise ValueError(f"BatchEncoding.to({device!r}): minibert runs on the CPU only; use 'cpu' "
+                             "(or drop the .to call)")
+        return self
+
 
 def _read_json(path: Path) -> Dict:
     if not path.is_file():

@@ -45,7 +45,7 @@ def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
     data = json.loads(out.read_text())
     engines = {row["engine"] for row in data["results"]}
     assert {"minibert", "pytorch"} <= engines
-    assert engines | set(data["skipped"]) == {"minibert", "pytorch", "onnxruntime", "ctranslate2"}
+    assert engines | set(data["skipped"]) == {"minibert", "minibert-packed", "pytorch", "onnxruntime", "ctranslate2"}
     shapes = {row["shape"] for row in data["results"]}
     assert len(shapes) == 5 and any(s.startswith("mixed") for s in shapes)
     for row in data["results"]:
@@ -118,3 +118,17 @@ def test_kernel_benchmark_reports_a_version_that_disagrees_and_does_not_time_it(
     assert abs(relu["broken"]["maxdiff"] - 1e-3) < 1e-6
     assert relu["numpy"]["status"] == "ok" and relu["numpy"]["ms"] > 0
     assert "relu/broken [8, 1536] + bias: FAILED validation, maxdiff 1.000e-03" in capsys.readouterr().err
+
+
+def test_benchmarks_write_a_new_file_unless_told(tmp_path):
+    """A run never overwrites the committed results: every --output (and the chart) defaults to a
+    new, time-stamped file in benchmarks/results/."""
+    import re
+
+    from benchmarks.common import new_result
+
+    assert re.fullmatch(r"benchmarks/results/model-\d{8}-\d{6}\.json", new_result("model"))
+    for name in ("model", "kernels", "footprint", "ab"):
+        src = (ROOT / "benchmarks" / f"{name}.py").read_text()
+        assert re.search(r'"--output", default=None', src), name
+        assert 'default="benchmarks/results/' not in src, name

@@ -38,7 +38,7 @@ IDS = np.array([[2, 5, 7, 9], [3, 4, 6, 8]])
     (dict(input_ids=IDS, attention_mask=[["a"] * 4] * 2), TypeError, "attention_mask has dtype <U1"),
     (dict(input_ids=[["a", "b"]]), TypeError, "input_ids has dtype <U1"),
     (dict(input_ids=np.zeros((2, 0), dtype=np.int64)), ValueError, "sequences of 0 tokens"),
-    (dict(input_ids=None), ValueError, "input_ids is required"),
+    (dict(input_ids=None), ValueError, "give either input_ids or inputs_embeds"),
 ])
 def test_bad_input_raises_clear_error(model, kwargs, exc, phrase):
     with pytest.raises(exc, match=phrase):

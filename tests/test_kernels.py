@@ -171,7 +171,7 @@ def test_wheel_installs_kernels_only_as_minibert_kernels(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    (wheel,) = tmp_path.glob("minibert-*.whl")
+    (wheel,) = tmp_path.glob("minibert_numpy-*.whl")  # the distribution name; the package is minibert
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"minibert"}, tops

@@ -70,7 +70,7 @@ def test_packed_batches_match_transformers_at_valid_positions(checkpoint, kernel
     rng = np.random.default_rng(2)
     ids, mask, tt = random_batch(rng, cfg, B=4, T=13, pairs=(inputs == "pairs"))
     pos = rng.integers(0, cfg["max_position_embeddings"], size=ids.shape) if inputs == "position_ids" else None
-    ours = BertModel.from_pretrained(path, dtype=dtype, kernels=kernels)(
+    ours = BertModel.from_pretrained(path, dtype=dtype, kernels=kernels, skip_padding=True)(
         ids, attention_mask=mask, token_type_ids=tt, position_ids=pos, output_hidden_states=True)
     theirs = hf_forward(hf_model(path, dtype), input_ids=ids, attention_mask=mask, token_type_ids=tt, position_ids=pos)
     tol, valid, what = TOL["fp32" if dtype == "float32" else "fp64"], mask == 1, f"{name}/{kernels}/{dtype}/{inputs}"
@@ -84,15 +84,21 @@ def test_packed_batches_match_transformers_at_valid_positions(checkpoint, kernel
 
 @pytest.mark.parametrize("kernels", ["numba", "numpy"])
 def test_packed_left_padding_and_holes(tiny_dir, kernels):
-    """Valid tokens need not be a prefix: left padding and a mask with holes pack the same way."""
+    """Valid tokens need not be a prefix: left padding and a mask with holes pack the same way
+    (without a pooler). With a pooler, a row that starts with padding makes the batch run dense:
+    the pooler reads position 0, whose value transformers computes from the pad token."""
     rng = np.random.default_rng(5)
     ids = rng.integers(0, TINY["vocab_size"], size=(4, 8))
     mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1, 1, 1], [1] * 8, [1, 1, 0, 0, 0, 0, 0, 0]])
-    ours = BertModel.from_pretrained(tiny_dir, kernels=kernels)(ids, attention_mask=mask)
     theirs = hf_forward(hf_model(tiny_dir), input_ids=ids, attention_mask=mask)
+    ours = BertModel.from_pretrained(tiny_dir, kernels=kernels, skip_padding=True, add_pooling_layer=False)(
+        ids, attention_mask=mask)
     valid = mask == 1
     assert_close(ours.last_hidden_state[valid], theirs.last_hidden_state.numpy()[valid], TOL["fp32"], "packed holes")
     assert not ours.last_hidden_state[~valid].any()
+    pooled = BertModel.from_pretrained(tiny_dir, kernels=kernels, skip_padding=True)(ids, attention_mask=mask)
+    assert_close(pooled.last_hidden_state, theirs.last_hidden_state.numpy(), TOL["fp32"], "dense: left padding, pooler")
+    assert_close(pooled.pooler_output, theirs.pooler_output.numpy(), TOL["fp32"], "pooler_output, left padding")
 
 
 def test_outputs_at_padding_positions_match_with_skip_padding_off(tiny_dir):
@@ -114,8 +120,9 @@ def test_all_zero_mask_row_packed_is_zero_not_nan(tiny_dir):
     ids = np.arange(14).reshape(2, 7) % TINY["vocab_size"]
     mask = np.ones((2, 7), dtype=np.int64)
     mask[1] = 0
-    out = BertModel.from_pretrained(tiny_dir)(ids, attention_mask=mask)
+    out = BertModel.from_pretrained(tiny_dir, skip_padding=True)(ids, attention_mask=mask)
     assert np.isfinite(out.last_hidden_state).all() and np.isfinite(out.pooler_output).all()
+    out = BertModel.from_pretrained(tiny_dir, skip_padding=True, add_pooling_layer=False)(ids, attention_mask=mask)
     assert not out.last_hidden_state[1].any()
     theirs = hf_forward(hf_model(tiny_dir), input_ids=ids[:1], attention_mask=mask[:1])
     assert_close(out.last_hidden_state[:1], theirs.last_hidden_state.numpy(), TOL["fp32"], "row beside an empty one")
@@ -205,7 +212,7 @@ def test_dense_layers_made_at_load_give_the_per_call_kernels_values_and_follow_a
              (ids, mask, True)]  # the last: a dense batch with its padding keys masked (skip_padding=False)
     for i, m, dense in cases:
         made = ours.run(i, attention_mask=m, skip_padding=not dense)["last_hidden_state"]
-        ii, mm, tt, pos = prepare_inputs(c, i, m, None, None, ours.dtype)
+        ii, mm, tt, pos, _ = prepare_inputs(c, i, m, None, None, ours.dtype)
         per_call = F.bert(ours._params, per_call_layers, None, ii, mm, tt, pos,
                           n_head=c.num_attention_heads, eps=c.layer_norm_eps, k=k,
                           skip_padding=not dense)["last_hidden_state"]
