@@ -7,6 +7,7 @@ from .bert import BertModel
 from .config import BertConfig
 from .heads import (
     BertForMaskedLM,
+    BertForMultipleChoice,
     BertForNextSentencePrediction,
     BertForPreTraining,
     BertForQuestionAnswering,
@@ -22,6 +23,7 @@ from .auto import (
     AutoConfig,
     AutoModel,
     AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
     AutoModelForNextSentencePrediction,
     AutoModelForPreTraining,
     AutoModelForQuestionAnswering,
@@ -40,4 +42,5 @@ __all__ = ["BertModel", "BertForMaskedLM", "BertForNextSentencePrediction", "Ber
            "BertTokenizerFast", "BatchEncoding", "BaseModelOutputWithPooling", "ModelOutput", "AutoConfig",
            "AutoTokenizer", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
            "AutoModelForTokenClassification", "AutoModelForQuestionAnswering", "AutoModelForPreTraining",
-           "AutoModelForNextSentencePrediction", "SentenceTransformer"]
+           "AutoModelForNextSentencePrediction", "SentenceTransformer", "BertForMultipleChoice",
+           "AutoModelForMultipleChoice"]

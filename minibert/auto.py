@@ -12,6 +12,7 @@ from .bert import BertModel
 from .config import BertConfig
 from .heads import (
     BertForMaskedLM,
+    BertForMultipleChoice,
     BertForNextSentencePrediction,
     BertForPreTraining,
     BertForQuestionAnswering,
@@ -65,6 +66,8 @@ AutoModelForTokenClassification = _auto("AutoModelForTokenClassification", BertF
                                         "A :class:`minibert.BertForTokenClassification`.")
 AutoModelForQuestionAnswering = _auto("AutoModelForQuestionAnswering", BertForQuestionAnswering,
                                       "A :class:`minibert.BertForQuestionAnswering`.")
+AutoModelForMultipleChoice = _auto("AutoModelForMultipleChoice", BertForMultipleChoice,
+                                   "A :class:`minibert.BertForMultipleChoice`.")
 AutoModelForPreTraining = _auto("AutoModelForPreTraining", BertForPreTraining, "A :class:`minibert.BertForPreTraining`.")
 AutoModelForNextSentencePrediction = _auto("AutoModelForNextSentencePrediction", BertForNextSentencePrediction,
                                            "A :class:`minibert.BertForNextSentencePrediction`.")

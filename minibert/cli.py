@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .hub import DEFAULT_MODEL
+from .hub import DEFAULT_MODEL, model_dir_with_config
 
 log = logging.getLogger("minibert")
 
@@ -34,10 +34,10 @@ def _fmt(v: np.ndarray, n: int = 5) -> str:
 
 def cmd_encode(args) -> int:
     from . import BertModel, BertTokenizer
-    from .hub import resolve_model_dir
+    from .hub import model_dir_with_config
 
     t0 = time.perf_counter()
-    model_dir = resolve_model_dir(args.model)
+    model_dir = model_dir_with_config(args.model)
     tokenizer = BertTokenizer.from_pretrained(model_dir)
     model = BertModel.from_pretrained(model_dir, dtype=args.dtype, kernels=args.kernels)
     log.info("loaded %s from %s in %.2f s", args.model or DEFAULT_MODEL, model_dir, time.perf_counter() - t0)
@@ -86,11 +86,11 @@ def cmd_encode(args) -> int:
 def _load_task(cls_name: str, model: Optional[str], args):
     import minibert
 
-    from .hub import resolve_model_dir
+    from .hub import model_dir_with_config
     from .tokenizer import BertTokenizer
 
     t0 = time.perf_counter()
-    model_dir = resolve_model_dir(model)
+    model_dir = model_dir_with_config(model)
     tokenizer = BertTokenizer.from_pretrained(model_dir)
     m = getattr(minibert, cls_name).from_pretrained(model_dir, dtype=args.dtype, kernels=args.kernels)
     log.info("loaded %s %s from %s in %.2f s", cls_name, model or DEFAULT_MODEL, model_dir, time.perf_counter() - t0)
@@ -209,7 +209,7 @@ def _encoder(args):
     from .sentence import SentenceEncoder
 
     t0 = time.perf_counter()
-    enc = SentenceEncoder.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels)
+    enc = SentenceEncoder.from_pretrained(model_dir_with_config(args.model), dtype=args.dtype, kernels=args.kernels)
     log.info("loaded %s in %.2f s (pooling %s, normalize %s)", args.model or DEFAULT_MODEL, time.perf_counter() - t0,
              "+".join(enc.pooling), enc.normalize)
     return enc
@@ -328,11 +328,11 @@ def plot_attention(path: str, probs, tokens: List[str], layer: int, head: Option
 
 def cmd_inspect(args) -> int:
     from . import BertModel, BertTokenizer
-    from .hub import resolve_model_dir
+    from .hub import model_dir_with_config
 
     if args.attention_png:
         _need_matplotlib()  # before any work, not after printing everything
-    model_dir = resolve_model_dir(args.model)
+    model_dir = model_dir_with_config(args.model)
     tokenizer = BertTokenizer.from_pretrained(model_dir)
     model = BertModel.from_pretrained(model_dir, dtype=args.dtype, kernels=args.kernels)
     c = model.config

@@ -24,6 +24,7 @@ from .modules import Activation, LayerNorm, Linear, Module
 from .outputs import (
     BertForPreTrainingOutput,
     MaskedLMOutput,
+    MultipleChoiceModelOutput,
     NextSentencePredictorOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
@@ -421,6 +422,48 @@ class BertForSequenceClassification(_Classifier):
             return bce_with_logits(logits, y)
         raise ValueError(f"config problem_type={pt!r}; expected 'regression', 'single_label_classification' "
                          "or 'multi_label_classification'")
+
+
+class BertForMultipleChoice(_Classifier):
+    """``logits`` [B, num_choices]: each choice of ``input_ids`` [B, num_choices, T] (and the other
+    inputs shaped alike; ``inputs_embeds`` [B, num_choices, T, H]) runs as one row of a
+    [B·num_choices, T] batch, and its pooler_output gets one score (``classifier`` [1, H]), as
+    transformers. ``labels`` [B]: the right choice's index."""
+
+    needs_pooler = True
+
+    @classmethod
+    def head_shapes(cls, config):
+        return {"classifier.weight": (1, config.hidden_size), "classifier.bias": (1,)}
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, capture=None,
+                inputs_embeds=None) -> MultipleChoiceModelOutput:
+        lead = np.shape(input_ids if input_ids is not None else inputs_embeds)
+        if len(lead) != (3 if input_ids is not None else 4):
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(f"{name} has shape {lead}; BertForMultipleChoice expects [B, num_choices, T"
+                             f"{', H' if input_ids is None else ''}]")
+        B, C = lead[:2]
+
+        def flat(name, a, extra=0):  # [B, C, T(, H)] -> [B·C, T(, H)]
+            if a is None:
+                return None
+            a = np.asarray(a)
+            if a.shape[:2] != (B, C) or a.ndim != 3 + extra:
+                raise ValueError(f"{name} has shape {a.shape}; expected [{B}, {C}, T{', H' if extra else ''}] "
+                                 "like the choices")
+            return a.reshape(B * C, *a.shape[2:])
+
+        out = self._encode(flat("input_ids", input_ids), flat("attention_mask", attention_mask),
+                           flat("token_type_ids", token_type_ids), flat("position_ids", position_ids),
+                           output_hidden_states, output_attentions, capture, labels,
+                           inputs_embeds=flat("inputs_embeds", inputs_embeds, 1))
+        logits = F.linear(out["pooler_output"], **self._params["classifier"]).reshape(B, C)  # [B, num_choices]
+        loss = None if labels is None else cross_entropy(logits, class_labels("labels", labels, (B,), C))
+        return self._finish(MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
+                                                      attentions=out["attentions"], captures=out["captures"]),
+                            return_dict)
 
 
 class BertForTokenClassification(_Classifier):

@@ -56,6 +56,18 @@ def packaged_model_dir(repo_id: str = DEFAULT_MODEL) -> Optional[Path]:
     return None
 
 
+def model_dir_with_config(name_or_path=None, **hub_kwargs) -> Path:
+    """:func:`resolve_model_dir`, and an error naming what is missing when the directory is not a
+    model's (no config.json), before anything else tries to read it."""
+    d = resolve_model_dir(name_or_path, **hub_kwargs)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{d} is not a model directory: it has no config.json (a model directory holds config.json, "
+            f"model.safetensors and the tokenizer files). Pass such a directory or a Hub repo id, e.g. "
+            f"--model {DEFAULT_MODEL}")
+    return d
+
+
 def _looks_like_path(s: str) -> bool:
     # a Hub repo id is "name" or "org/name"
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
@@ -76,7 +88,7 @@ def resolve_model_dir(name_or_path=None, *, revision: Optional[str] = None, cach
         return p
     if p.exists():
         raise NotADirectoryError(f"{s} is a file; pass the directory that holds config.json and the weights")
-    packaged = packaged_model_dir(s) if revision is None else None
+    packaged = packaged_model_dir(s) if revision in (None, "main") else None  # the copy is of main
     if packaged is not None:
         logger.debug("using the packaged copy of %s at %s", s, packaged)
         return packaged
@@ -104,5 +116,5 @@ def _download(repo_id: str, **hub_kwargs) -> Path:
         raise OSError(
             f"could not get model {repo_id!r} from the Hugging Face Hub ({why}). "
             f"Pass a local directory with config.json and model.safetensors, or fill the Hub cache "
-            f"(for example `huggingface-cli download {repo_id}` on a machine with network).{hint}"
+            f"(for example `hf download {repo_id}` on a machine with network).{hint}"
         ) from None

@@ -113,6 +113,13 @@ class SequenceClassifierOutput(ModelOutput):
     _fields = ("loss", "logits", "hidden_states", "attentions", "captures")
 
 
+class MultipleChoiceModelOutput(ModelOutput):
+    """BertForMultipleChoice: loss, logits [B, num_choices], hidden_states and attentions of the
+    [B·num_choices, T] batch the choices run as."""
+
+    _fields = ("loss", "logits", "hidden_states", "attentions", "captures")
+
+
 class TokenClassifierOutput(ModelOutput):
     """BertForTokenClassification: loss, logits [B, T, num_labels], hidden_states, attentions."""
 

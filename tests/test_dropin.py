@@ -236,3 +236,71 @@ def test_kernels_know_when_they_are_compiled(tiny_dir):
 
     BertModel.from_pretrained(tiny_dir)(np.array([[1, 2, 3]]))  # compiles or loads the float32 attention kernel
     assert compiled("float32") is True
+
+
+def test_multiple_choice_matches_transformers(tmp_path):
+    import torch
+
+    d = make_checkpoint(tmp_path, cls_name="BertForMultipleChoice")
+    rng = np.random.default_rng(34)
+    ids, mask, tt = random_batch(rng, TINY, B=6, T=7, pairs=True)
+    ids, mask, tt = (a.reshape(2, 3, 7) for a in (ids, mask, tt))
+    labels = np.array([2, 0])
+    hf = hf_model(d, cls_name="BertForMultipleChoice")
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                    token_type_ids=torch.as_tensor(tt), labels=torch.as_tensor(labels))
+    auto = minibert.AutoModelForMultipleChoice.from_pretrained(d)
+    assert type(auto) is minibert.BertForMultipleChoice
+    for skip in (False, True):
+        ours = minibert.BertForMultipleChoice.from_pretrained(d, skip_padding=skip)(
+            ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+        assert ours.logits.shape == (2, 3)
+        assert_close(ours.logits, theirs.logits.numpy(), TOL["fp32"], f"multiple-choice logits, skip_padding={skip}")
+        assert_close(ours.loss, theirs.loss.numpy(), TOL["fp32"], "multiple-choice loss")
+    with pytest.raises(ValueError, match=r"expects \[B, num_choices, T\]"):
+        auto(ids[0])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 7\); expected \[2, 3, T\]"):
+        auto(ids, attention_mask=mask[0])
+
+
+# -- messages that say what to do ------------------------------------------------------------------
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "minibert", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_a_directory_without_config_is_not_a_model_directory(tmp_path):
+    r = _cli("encode", "hi", "--model", str(tmp_path))
+    assert r.returncode == 1 and "is not a model directory: it has no config.json" in r.stderr, r.stderr
+    assert "tokenizer" not in r.stderr.split("config.json")[0], r.stderr
+
+
+def test_hub_hint_names_the_current_cli(monkeypatch):
+    from minibert.hub import resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="`hf download some-org/no-such-model`"):
+        resolve_model_dir("some-org/no-such-model")
+
+
+def test_revision_main_of_the_default_model_uses_the_packaged_copy(minilm_dir):
+    from minibert.hub import DEFAULT_MODEL, resolve_model_dir
+
+    assert resolve_model_dir(DEFAULT_MODEL, revision="main") == minilm_dir
+
+
+def test_undecodable_input_names_file_line_and_fix(tmp_path, minilm_dir):
+    f = tmp_path / "texts.txt"
+    f.write_bytes("first line\nsecond line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    r = _cli("embed", "--input", str(f))
+    assert r.returncode == 1 and f"--input {f}: line 3 is not valid utf-8" in r.stderr and "--encoding" in r.stderr, r.stderr
+    out = tmp_path / "e.npy"
+    r = _cli("embed", "--input", str(f), "--encoding", "latin-1", "--output", str(out))
+    assert r.returncode == 0 and np.load(out).shape == (3, 384), r.stderr
+
+
+def test_truncation_is_said_on_stderr(minilm_dir):
+    r = _cli("embed", "short", "word " * 400)
+    assert r.returncode == 0 and "1 of 2 text(s) are longer than 256 tokens" in r.stderr, r.stderr
+    r = _cli("embed", "short", "a bit longer")
+    assert r.returncode == 0 and "truncated" not in r.stderr, r.stderr
