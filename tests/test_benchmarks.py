@@ -43,6 +43,7 @@ def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
+    assert data["machine"]["commit"] and data["machine"]["cpu_flags"] is not None  # every run names its commit and host
     engines = {row["engine"] for row in data["results"]}
     assert {"minibert", "pytorch"} <= engines
     assert engines | set(data["skipped"]) == {"minibert", "minibert-packed", "pytorch", "onnxruntime", "ctranslate2"}
