@@ -14,7 +14,6 @@ and the ratio to "new"; writes JSON with the host (CPU model and vector ISA flag
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import model as F
 from . import runtime, taps
-from .config import ACTIVATIONS, BertConfig
+from .config import BertConfig
 from .hub import resolve_model_dir
 from .inputs import prepare_inputs
 from .kernels import select

@@ -34,7 +34,7 @@ def _fmt(v: np.ndarray, n: int = 5) -> str:
 
 def cmd_encode(args) -> int:
     from . import BertModel, BertTokenizer
-    from .hub import model_dir_with_config
+    from .sentence import warn_truncated
 
     t0 = time.perf_counter()
     model_dir = model_dir_with_config(args.model)
@@ -47,7 +47,7 @@ def cmd_encode(args) -> int:
     if max_length > model.config.max_position_embeddings:
         raise ValueError(f"--max-length {max_length} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
-    warn_truncated(tokenizer, args.texts, max_length)
+    warn_truncated(tokenizer.lengths(args.texts), max_length)
     x = tokenizer(args.texts, padding=True, truncation=True, max_length=max_length)
     t1 = time.perf_counter()
     out = model(**x, output_hidden_states=args.hidden_states, output_attentions=args.attentions)
@@ -86,7 +86,6 @@ def cmd_encode(args) -> int:
 def _load_task(cls_name: str, model: Optional[str], args):
     import minibert
 
-    from .hub import model_dir_with_config
     from .tokenizer import BertTokenizer
 
     t0 = time.perf_counter()
@@ -158,19 +157,6 @@ def cmd_classify(args) -> int:
     return 0
 
 
-def warn_truncated(tokenizer, texts: List[str], limit: int, chunk: int = 1024) -> int:
-    """Say on stderr how many texts are longer than ``limit`` tokens (they are truncated); returns it."""
-    n, longest = 0, 0
-    for s in range(0, len(texts), chunk):
-        lengths = tokenizer(texts[s:s + chunk], padding=True)["attention_mask"].sum(axis=1)
-        n += int((lengths > limit).sum())
-        longest = max(longest, int(lengths.max()))
-    if n:
-        log.warning("%d of %d text(s) are longer than %d tokens (the longest %d) and were truncated to %d",
-                    n, len(texts), limit, longest, limit)
-    return n
-
-
 # -- embed / similarity -------------------------------------------------------------------------
 def read_texts(path: str, encoding: str = "utf-8") -> List[str]:
     """One text a line, or JSON Lines with a "text" field (a .jsonl name, or a first line that is
@@ -226,7 +212,6 @@ def cmd_embed(args) -> int:
     if args.output and not args.output.endswith(".npy"):
         raise ValueError(f"--output {args.output}: expected a .npy file name")
     enc = _encoder(args)
-    warn_truncated(enc.tokenizer, texts, enc.max_seq_length)
     t0 = time.perf_counter()
     progress = len(texts) > args.batch_size and not args.no_progress
     vecs = enc.encode(texts, batch_size=args.batch_size, pooling=args.pooling, normalize=args.normalize,
@@ -247,7 +232,6 @@ def cmd_similarity(args) -> int:
     if len(args.texts) < 2:
         raise ValueError(f"similarity needs at least two TEXTs; got {len(args.texts)}")
     enc = _encoder(args)
-    warn_truncated(enc.tokenizer, args.texts, enc.max_seq_length)
     sim = enc.similarity(args.texts)  # [N, N] cosine
     width = 8
     print("cosine similarity")
@@ -328,7 +312,6 @@ def plot_attention(path: str, probs, tokens: List[str], layer: int, head: Option
 
 def cmd_inspect(args) -> int:
     from . import BertModel, BertTokenizer
-    from .hub import model_dir_with_config
 
     if args.attention_png:
         _need_matplotlib()  # before any work, not after printing everything

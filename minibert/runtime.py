@@ -83,10 +83,9 @@ def _openmp_started() -> bool:
 
 
 def _after_fork_in_child() -> None:
-    global _forked_from
+    global _forked_from, _lock, _state
     if _forked_from is None and _openmp_started():
         _forked_from = os.getppid()
-    global _lock, _state
     for fd in _files.values():  # the parent's claim files stay the parent's
         if fd is not None:
             os.close(fd)
@@ -175,7 +174,7 @@ _state = _Depth()
 def _pin():
     """Claim CPUs for this pass and put the team on them: each worker on one, the caller on
     another. Returns (the caller's CPUs before, the claimed CPUs), or False to run as it is."""
-    n, teams = _num_threads(), _state.teams
+    n, teams = get_num_threads(), _state.teams
     if n not in teams:
         teams[n] = _plan_team(n)
     team = teams[n]
@@ -201,12 +200,6 @@ def _pin():
             _release(cpus)
         return False
     return before, cpus
-
-
-def _num_threads() -> int:
-    import numba
-
-    return int(numba.get_num_threads())
 
 
 def _plan_team(n: int) -> Optional[_Team]:

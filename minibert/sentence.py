@@ -87,6 +87,26 @@ def pool(mode: str, hidden, attention_mask):  # [B, T, H], [B, T] -> [B, H]
     raise ValueError(f"pooling={mode!r}; expected one of {POOLINGS}")
 
 
+def warn_truncated(lengths, limit: int) -> int:
+    """Log how many of the texts (``lengths`` in tokens) are longer than ``limit``, i.e. truncated."""
+    n = int((np.asarray(lengths) > limit).sum())
+    if n:
+        logger.warning("%d of %d text(s) are longer than %d tokens (the longest %d) and were truncated to %d",
+                       n, len(lengths), limit, int(np.max(lengths)), limit)
+    return n
+
+
+def _texts(sentences, batch_size):  # -> (the texts as a list, whether one str was given); checked
+    single = isinstance(sentences, str)
+    texts: List[str] = [sentences] if single else list(sentences)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"sentences[{i}] is {type(t).__name__}; expected str")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r}; expected a positive integer")
+    return texts, single
+
+
 class SentenceEncoder:
     """``SentenceEncoder(name_or_path).encode(sentences)`` -> float32 [N, H], as sentence-transformers'
     ``SentenceTransformer`` (also importable under that name). ``SentenceEncoder(model, tokenizer,
@@ -150,14 +170,13 @@ class SentenceEncoder:
             raise ValueError(f"output_value={output_value!r}; expected 'sentence_embedding' or 'token_embeddings'")
         if normalize_embeddings and normalize is None:
             normalize = True
+        texts, single = _texts(sentences, batch_size)
         if output_value == "token_embeddings":
-            return self._token_embeddings(sentences, batch_size)
-        out = self._encode(sentences, batch_size, pooling, normalize, bool(show_progress_bar))
+            return self._token_embeddings(texts, single, batch_size)
+        out = self._encode(texts, single, batch_size, pooling, normalize, bool(show_progress_bar))
         return out if convert_to_numpy or out.ndim == 1 else list(out)
 
-    def _token_embeddings(self, sentences, batch_size):
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else list(sentences)
+    def _token_embeddings(self, texts, single, batch_size):
         out = []
         for s in range(0, len(texts), batch_size):
             x = self.tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=self.max_seq_length)
@@ -165,14 +184,7 @@ class SentenceEncoder:
             out += [h[i, m.astype(bool)].astype(np.float32) for i, m in enumerate(x["attention_mask"])]
         return out[0] if single else out
 
-    def _encode(self, sentences, batch_size, pooling, normalize, show_progress_bar) -> np.ndarray:
-        single = isinstance(sentences, str)
-        texts: List[str] = [sentences] if single else list(sentences)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"sentences[{i}] is {type(t).__name__}; expected str")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size!r}; expected a positive integer")
+    def _encode(self, texts, single, batch_size, pooling, normalize, show_progress_bar) -> np.ndarray:
         if pooling is not None and pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}; expected one of {POOLINGS} or None (the checkpoint's)")
         modes = [pooling] if pooling is not None else self.pooling
@@ -182,7 +194,9 @@ class SentenceEncoder:
             return np.zeros((0, dim), dtype=np.float32)
 
         lengths = self._lengths(texts)
-        order = np.argsort(-lengths, kind="stable")  # longest first: equal lengths share a batch
+        warn_truncated(lengths, self.max_seq_length)
+        # longest first (as truncated): equal lengths share a batch
+        order = np.argsort(-np.minimum(lengths, self.max_seq_length), kind="stable")
         result = np.empty((len(texts), dim), dtype=np.float32)
         starts = range(0, len(texts), batch_size)
         if show_progress_bar:
@@ -201,12 +215,9 @@ class SentenceEncoder:
         return result[0] if single else result
 
     def _lengths(self, texts: List[str], chunk: int = 4096) -> np.ndarray:
-        """Each text's length in tokens after truncation (tokenized in chunks to bound memory)."""
-        out = []
-        for s in range(0, len(texts), chunk):
-            x = self.tokenizer(texts[s:s + chunk], padding=True, truncation=True, max_length=self.max_seq_length)
-            out.append(x["attention_mask"].sum(axis=1))
-        return np.concatenate(out)
+        """Each text's length in tokens before truncation (tokenized in chunks to bound memory)."""
+        parts = [self.tokenizer.lengths(texts[s:s + chunk]) for s in range(0, len(texts), chunk)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def similarity(self, a, b=None) -> np.ndarray:
         """Cosine similarity matrix [N, M] between ``a`` and ``b`` (default: ``a``), each either

@@ -216,6 +216,15 @@ class BertTokenizer:
             out["attention_mask"] = np.array([e.attention_mask for e in encs], dtype=np.int64).reshape(len(encs), T)
         return out
 
+    def lengths(self, texts: List[str]) -> np.ndarray:
+        """Each text's length in tokens, special tokens included, before any truncation: int64 [N]
+        (no padding, so one long text costs no memory for the others)."""
+        try:
+            encs = self._tok.encode_batch(list(texts))
+        except Exception as e:  # the Rust library raises a bare Exception
+            raise ValueError(f"tokenization failed: {e}") from None
+        return np.array([len(e.ids) for e in encs], dtype=np.int64)
+
     def _configured(self, trunc, max_length, pad, pad_to_multiple_of):
         """A copy of the backend with these truncation and padding settings, made once and never
         changed after: the settings live on the Rust tokenizer, so switching them on one shared

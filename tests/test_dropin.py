@@ -304,3 +304,20 @@ def test_truncation_is_said_on_stderr(minilm_dir):
     assert r.returncode == 0 and "1 of 2 text(s) are longer than 256 tokens" in r.stderr, r.stderr
     r = _cli("embed", "short", "a bit longer")
     assert r.returncode == 0 and "truncated" not in r.stderr, r.stderr
+
+
+def test_token_lengths_and_the_library_says_when_it_truncates(minilm_dir, caplog):
+    import logging
+
+    import transformers
+
+    texts = ["short", "word " * 400, "a bit longer than that"]
+    tok = minibert.BertTokenizer.from_pretrained(minilm_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))(texts)["input_ids"]
+    assert tok.lengths(texts).tolist() == [len(t) for t in theirs]
+    enc = minibert.SentenceEncoder(minilm_dir)
+    caplog.set_level(logging.WARNING)
+    enc.encode(texts)
+    assert "1 of 3 text(s) are longer than 256 tokens" in caplog.text
+    with pytest.raises(ValueError, match="batch_size=0"):
+        enc.encode(texts, output_value="token_embeddings", batch_size=0)
