@@ -14,8 +14,9 @@ Versions (docs/kernels.md has the measurements):
 - ``numba_fused``: a task per (sequence, head), 4 query rows at a time, scores, softmax and P·V in
   L1; kept to measure: store-bound without register blocking.
 - ``numba_tiled`` (default): numba_fused's plan with q·kᵀ register-blocked (4 rows × 4 head dims
-  per sweep over the keys), P·V by gemm.py's tile kernel on V packed into panels, the softmax's max
-  and sum in explicit lanes (``fastmath.lanes_max``/``lanes_sum``): all vectorize without
+  per sweep over the keys), the softmax's max and exp-and-sum as vector loops in LLVM IR
+  (``fastmath.row_max``/``exp_sum``), P·V by gemm.py's tile kernel on V packed into 16-column
+  panels (no padding at head sizes 32 and 64). Every sum in an order the code fixes: no
   ``reassoc``, which would round differently in a compiling and a cache-loading process.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .fastmath import fexp, lanes_max, lanes_sum
-from .gemm import PANEL_VECTORS, VECTOR_BYTES, _tile1, _tile2, _tile3, _tile4
+from .fastmath import exp_sum, fexp, row_max
+from .gemm import VECTOR_BYTES, _tile_kernel
 from .registry import FASTMATH, register
 from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
 
@@ -185,13 +186,10 @@ def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _softmax_rows(s, nr, inv, zero):  # s[:nr] -> exp(s - row max) in place, inv[r] = 1 / row sum
+def _softmax_rows(s, nr, inv):  # s[:nr] -> exp(s - row max) in place, inv[r] = 1 / row sum
     for r in range(nr):
         row = s[r]
-        m = lanes_max(row)
-        for j in range(row.size):  # no reduction in this loop, so the exp vectorizes
-            row[j] = fexp(row[j] - m)
-        inv[r] = 1 / lanes_sum(row, zero, 0)
+        inv[r] = 1 / exp_sum(row, row_max(row))
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -208,6 +206,10 @@ def _pack_v(qkv, lo, vo, dH, wp):  # V = qkv[lo:lo+L, vo:vo+dH] -> panels wp [P,
                 dst[c] = 0
 
 
+V_VECTORS = 2  # vectors of columns per V panel: 16 float32, a multiple of the head sizes 32 and 64
+_vtile4, _vtile3, _vtile2, _vtile1 = (_tile_kernel(r, V_VECTORS, False) for r in (4, 3, 2, 1))
+
+
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _context(s, nr, inv, wp, ctx, out, r0, col, dH):
     # out[r0+r, col:col+dH] = (s[r]·inv[r])·V for nr <= 4 rows, V packed into panels wp: gemm.py's
@@ -215,13 +217,13 @@ def _context(s, nr, inv, wp, ctx, out, r0, col, dH):
     NR = wp.shape[2]
     for p in range(wp.shape[0]):
         if nr == 4:
-            _tile4(s, 0, wp, p, ctx, p * NR, 0, 0)
+            _vtile4(s, 0, wp, p, ctx, p * NR, 0, 0)
         elif nr == 3:
-            _tile3(s, 0, wp, p, ctx, p * NR, 0, 0)
+            _vtile3(s, 0, wp, p, ctx, p * NR, 0, 0)
         elif nr == 2:
-            _tile2(s, 0, wp, p, ctx, p * NR, 0, 0)
+            _vtile2(s, 0, wp, p, ctx, p * NR, 0, 0)
         else:
-            _tile1(s, 0, wp, p, ctx, p * NR, 0, 0)
+            _vtile1(s, 0, wp, p, ctx, p * NR, 0, 0)
     for r in range(nr):
         o, cr, i = out[r0 + r, col:col + dH], ctx[r], inv[r]
         for d in range(dH):
@@ -232,7 +234,6 @@ def _context(s, nr, inv, wp, ctx, out, r0, col, dH):
 def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
     H = qkv.shape[1] // 3
     dH = H // n_head
-    zero = qkv.dtype.type(0)
     for task in prange((starts.size - 1) * n_head):
         b, h = task // n_head, task % n_head
         lo, L = starts[b], starts[b + 1] - starts[b]
@@ -244,7 +245,7 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
             add[:] = mask[b, :L]
         s = np.empty((4, L), dtype=qkv.dtype)  # scores, then probabilities, of 4 query rows
         inv = np.empty(4, dtype=qkv.dtype)
-        NR = PANEL_VECTORS * VECTOR_BYTES // qkv.itemsize  # gemm.py's panel width: 24 float32, 12 float64
+        NR = V_VECTORS * VECTOR_BYTES // qkv.itemsize  # the V panels' width: 16 float32, 8 float64
         P = (dH + NR - 1) // NR
         wp = np.empty((P, L, NR), dtype=qkv.dtype)  # V in panels, for the tile kernel
         _pack_v(qkv, lo, 2 * H + h * dH, dH, wp)
@@ -254,7 +255,7 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
             for r in range(nr):
                 s[r, :] = add
             _scores(qkv, lo + i0, nr, h * dH, dH, kt, scale, s)
-            _softmax_rows(s, nr, inv, zero)
+            _softmax_rows(s, nr, inv)
             _context(s, nr, inv, wp, ctx, out, lo + i0, h * dH, dH)
 
 

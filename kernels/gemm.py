@@ -124,13 +124,13 @@ PANEL_VECTORS = 3  # vectors of columns per panel: 4 rows x 3 vectors = 12 accum
 TILE_ROWS = 4
 
 
-def _tile_kernel(rows):
+def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True):
     """A Numba intrinsic ``tile(x, i, wp, p, out, c, pf, pfs)``: ``out[i:i+rows, c:c+NR] =
     x[i:i+rows] @ wp[p]`` for C-contiguous ``x`` [M, K], panels ``wp`` [P, K, NR] and ``out``
     [M, >= c+NR]; while at it, step k prefetches element ``pf + k·pfs`` of ``wp`` (flat) into L2.
 
-    The loop over K is built as LLVM IR: ``rows`` x 3 vector accumulators (allocas that LLVM's
-    mem2reg turns into registers), each step 3 vector loads of the panel, ``rows`` broadcasts of
+    The loop over K is built as LLVM IR: ``rows`` x ``vectors`` vector accumulators (allocas that LLVM's
+    mem2reg turns into registers), each step ``vectors`` loads of the panel, ``rows`` broadcasts of
     x, one ``llvm.fma`` per accumulator and one ``llvm.prefetch``. No bounds checks: the caller
     passes valid tiles (a prefetch never faults, whatever the address)."""
 
@@ -157,28 +157,29 @@ def _tile_kernel(rows):
             zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * lanes)
             splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
             i8p = ir.IntType(8).as_pointer()
-            prefetch = cgutils.get_or_insert_function(  # (address, read, locality 2 = L2 and out, data)
+            fetch = cgutils.get_or_insert_function(  # (address, read, locality 2 = L2 and out, data)
                 builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
             ahead = builder.gep(wa.data, [pf])
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(PANEL_VECTORS)] for _ in range(rows)]
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)] for _ in range(rows)]
             panel = builder.gep(wa.data, [builder.mul(p, builder.mul(K, NR))])  # wp[p, 0, 0]
             xrow = [builder.gep(xa.data, [builder.mul(builder.add(i0, const(r)), K)]) for r in range(rows)]
             with cgutils.for_range(builder, K) as loop:
                 k = loop.index
                 step = builder.gep(panel, [builder.mul(k, NR)])  # wp[p, k, :]
-                builder.call(prefetch, [builder.bitcast(builder.gep(ahead, [builder.mul(k, pfs)]), i8p),
-                                        ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                if prefetch:
+                    builder.call(fetch, [builder.bitcast(builder.gep(ahead, [builder.mul(k, pfs)]), i8p),
+                                         ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
                 b = [builder.load(builder.bitcast(builder.gep(step, [const(v * lanes)]), vt.as_pointer()), align=4)
-                     for v in range(PANEL_VECTORS)]
+                     for v in range(vectors)]
                 for r in range(rows):
                     a = builder.insert_element(ir.Constant(vt, ir.Undefined), builder.load(builder.gep(xrow[r], [k])),
                                                ir.Constant(i32, 0))
                     a = builder.shuffle_vector(a, ir.Constant(vt, ir.Undefined), splat)  # x[i + r, k] in every lane
-                    for v in range(PANEL_VECTORS):
+                    for v in range(vectors):
                         builder.store(builder.call(fma, [a, b[v], builder.load(acc[r][v])]), acc[r][v])
             for r in range(rows):
                 orow = builder.gep(oa.data, [builder.add(builder.mul(builder.add(i0, const(r)), ldo), c0)])
-                for v in range(PANEL_VECTORS):
+                for v in range(vectors):
                     ptr = builder.bitcast(builder.gep(orow, [const(v * lanes)]), vt.as_pointer())
                     builder.store(builder.load(acc[r][v]), ptr, align=4)
             return context.get_dummy_value()

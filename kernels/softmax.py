@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .fastmath import fexp, lanes_max, lanes_sum
+from .fastmath import exp_sum, row_max
 from .registry import FASTMATH, register
 
 
@@ -92,10 +92,7 @@ def _masked_softmax_v2(s, mask, scale, one, out):
         src, dst, add = s[r], out[r], mask[r // per_seq]  # 1-D views: the inner loops vectorize
         for k in range(k_n):
             dst[k] = src[k] * scale + add[k]
-        m = lanes_max(dst)  # max and sum in explicit lanes: they vectorize without reassociation
-        for k in range(k_n):
-            dst[k] = fexp(dst[k] - m)
-        inv = one / lanes_sum(dst, one - one, 0)  # one - one: a zero of the rows' dtype
+        inv = one / exp_sum(dst, row_max(dst))  # vector loops in a fixed order (fastmath.py)
         for k in range(k_n):
             dst[k] *= inv
 

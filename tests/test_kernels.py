@@ -289,6 +289,40 @@ def test_attention_reference_is_softmax_of_scaled_scores_times_v():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_row_loops(dtype):
+    """fastmath.row_max / exp_sum (vector loops in LLVM IR) at lengths around one and several
+    vectors: the exact maximum, exp(x - max) to the kernel tolerance with masked keys exactly 0,
+    the sum in lanes_sum's order (bit for bit), a NaN kept."""
+    from numba import njit
+
+    from minibert.kernels.fastmath import exp_sum, lanes_sum, row_max
+
+    @njit
+    def loops(a):
+        m = row_max(a)
+        return m, exp_sum(a, m)
+
+    @njit
+    def lanes(a):
+        return lanes_sum(a, a.dtype.type(0), 0)
+
+    rng = np.random.default_rng(11)
+    for n in [1, 3, 7, 8, 9, 15, 16, 31, 32, 33, 40, 64, 77, 128, 512, 515]:
+        x = (rng.standard_normal(n) * 5).astype(dtype)
+        if n > 1:
+            x[rng.integers(n)] = np.finfo(dtype).min  # a masked key
+        a = x.copy()
+        m, total = loops(a)
+        assert m == x.max(), f"n={n}: max {m} vs {x.max()}"
+        assert_close(a, np.exp(x.astype(np.float64) - x.max()), tol(dtype), f"exp, n={n}")
+        assert n == 1 or a.min() == 0, f"n={n}: a masked key's weight is {a.min()}, not 0"
+        assert total == lanes(a), f"n={n}: sum {total!r} vs lanes_sum {lanes(a)!r}"
+    x = np.ones(20, dtype=dtype)
+    x[13] = np.nan
+    assert np.isnan(loops(x.copy())[1]), "a NaN score must reach the sum"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (4, 3, 8), (7, 10, 33), (16, 768, 96), (17, 4, 50),
                                    (50, 12, 30), (0, 6, 5), (5, 6, 0), (6, 0, 5), (18, 50, 40), (130, 24, 7)])
 @pytest.mark.parametrize("v", versions("gemm"))
