@@ -11,7 +11,7 @@ from . import model as F
 from . import runtime, taps
 from .config import BertConfig
 from .hub import resolve_model_dir
-from .inputs import prepare_inputs
+from .inputs import check_head_mask, prepare_inputs
 from .kernels import select
 from .modules import BertEmbeddings, BertEncoder, BertPooler, Module
 from .outputs import BaseModelOutputWithPooling
@@ -127,8 +127,8 @@ class BertModel(Module):
         runs packed, on its valid tokens only, so padding costs no work; ``last_hidden_state`` and
         ``hidden_states`` then hold zeros at padding positions (valid positions, ``pooler_output``
         and the heads' outputs there match transformers); with a pooler, a batch with a row that
-        starts with padding runs dense (the pooler reads position 0). Asking for attentions or
-        captures always runs the dense batch.
+        starts with padding runs dense (the pooler reads position 0). Asking for attentions,
+        captures, patches or a head mask always runs the dense batch.
         """
         config, params, heads, name = load_pretrained(
             name_or_path, dtype=dtype, kernels=kernels, pooler=add_pooling_layer, revision=revision,
@@ -138,38 +138,49 @@ class BertModel(Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                return_dict: Optional[bool] = None, capture=None, inputs_embeds=None) -> BaseModelOutputWithPooling:
+                return_dict: Optional[bool] = None, capture=None, inputs_embeds=None, head_mask=None,
+                patch=None) -> BaseModelOutputWithPooling:
         """``capture``: tap names or glob patterns (see :meth:`tap_names`); the arrays come back in
         ``out.captures``, e.g. ``capture=["encoder.layer.*.attention.self.probs"]``.
+        ``patch``: a dict from a tap name or pattern to an array (broadcast to the tap's shape) or a
+        function ``f(value, name)`` returning one: the pass goes on with it in place of the tap's
+        value, as with a torch forward hook that returns a replacement; ``capture`` then returns
+        the patched values. ``head_mask`` [nH] or [L, nH]: multiplies each layer's attention
+        probabilities per head (1 keeps a head, 0 removes it), transformers 4's ``head_mask``.
         ``inputs_embeds`` [B, T, H]: vectors used in place of the word embeddings of ``input_ids``
         (give one or the other), as transformers."""
         out = self.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions,
-                       capture, inputs_embeds=inputs_embeds)
+                       capture, inputs_embeds=inputs_embeds, head_mask=head_mask, patch=patch)
         result = BaseModelOutputWithPooling(**out)
         return result.to_tuple() if return_dict is False else result
 
     def run(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
             output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
-            capture=None, skip_padding: Optional[bool] = None, inputs_embeds=None) -> Dict:
+            capture=None, skip_padding: Optional[bool] = None, inputs_embeds=None, head_mask=None,
+            patch=None) -> Dict:
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
         ``skip_padding`` None: the model's ``skip_padding``."""
         c = self.config
-        tap = taps.select(capture, self.tap_names()) if capture is not None else None
+        tap = taps.select(capture, self.tap_names(), patch)
+        head_mask = check_head_mask(head_mask, c.num_hidden_layers, c.num_attention_heads, self.dtype)
         ids, mask, tt, pos, embeds = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids,
                                                     self.dtype, inputs_embeds)
         pooler = self.pooler
         with runtime.running():
-            return F.bert(
+            out = F.bert(
                 self._params, [layer.dense for layer in self.encoder.layer], None if pooler is None else pooler._pooler_dense,
                 ids, mask, tt, pos, n_head=c.num_attention_heads, eps=c.layer_norm_eps, k=self._k,
                 output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
                 output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
                 tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),
-                inputs_embeds=embeds,
+                inputs_embeds=embeds, head_mask=head_mask,
             )
+        if capture is None:
+            out["captures"] = None  # patches alone capture nothing
+        return out
 
     def tap_names(self) -> List[str]:
-        """Every name ``capture=`` accepts, in the order the forward pass reaches them:
+        """Every name ``capture=`` and ``patch=`` accept, in the order the forward pass reaches them:
         ``embeddings``; per layer i ``encoder.layer.i.attention.self.{query,key,value}``
         [B, nH, T, dH], ``.scores`` (scaled, mask added, before softmax) and ``.probs`` [B, nH, T, T],
         ``.context`` [B, T, H] (heads merged), ``encoder.layer.i.attention.output`` [B, T, H],

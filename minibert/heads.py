@@ -242,13 +242,13 @@ class BertPreTrainedModel(Module):
         self.bert.skip_padding = bool(value)
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                output_attentions, capture, *labels, inputs_embeds=None) -> Dict:
+                output_attentions, capture, *labels, inputs_embeds=None, head_mask=None, patch=None) -> Dict:
         # with labels, the loss is transformers' own only if padding positions are computed as it
         # does (labels there need not be -100): such calls run the dense batch
         dense = any(y is not None for y in labels)
         return self.bert.run(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                              output_attentions, capture, skip_padding=False if dense else None,
-                             inputs_embeds=inputs_embeds)
+                             inputs_embeds=inputs_embeds, head_mask=head_mask, patch=patch)
 
     def tap_names(self):
         """The encoder's taps (:meth:`minibert.BertModel.tap_names`); ``capture=`` takes them here too."""
@@ -291,9 +291,11 @@ class BertForMaskedLM(BertPreTrainedModel):
         self._add("cls", BertOnlyMLMHead({"predictions": self._lm_params()}, self.config, self._k, self._ties()))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> MaskedLMOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None,
+                head_mask=None, patch=None) -> MaskedLMOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds,
+                           head_mask=head_mask, patch=patch)
         logits = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         loss = None
         if labels is not None:
@@ -316,9 +318,11 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         self._add("cls", BertOnlyNSPHead(self._params["cls"]))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> NextSentencePredictorOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None,
+                head_mask=None, patch=None) -> NextSentencePredictorOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds,
+                           head_mask=head_mask, patch=patch)
         logits = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
         if labels is not None:
@@ -343,9 +347,11 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                  next_sentence_label=None, output_hidden_states=None, output_attentions=None,
-                 return_dict=None, capture=None, inputs_embeds=None) -> BertForPreTrainingOutput:
+                 return_dict=None, capture=None, inputs_embeds=None,
+                head_mask=None, patch=None) -> BertForPreTrainingOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels, next_sentence_label, inputs_embeds=inputs_embeds)
+                           output_attentions, capture, labels, next_sentence_label, inputs_embeds=inputs_embeds,
+                           head_mask=head_mask, patch=patch)
         mlm = self._lm_logits(out["last_hidden_state"])  # [B, T, V]
         nsp = F.linear(out["pooler_output"], **self._params["cls"]["seq_relationship"])  # [B, 2]
         loss = None
@@ -393,9 +399,11 @@ class BertForSequenceClassification(_Classifier):
         return self.config.extra.get("problem_type")
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> SequenceClassifierOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None,
+                head_mask=None, patch=None) -> SequenceClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds,
+                           head_mask=head_mask, patch=patch)
         logits = F.linear(out["pooler_output"], **self._params["classifier"])  # [B, num_labels]
         loss = None if labels is None else self._loss(logits, labels)
         return self._finish(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
@@ -438,7 +446,7 @@ class BertForMultipleChoice(_Classifier):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None,
-                inputs_embeds=None) -> MultipleChoiceModelOutput:
+                inputs_embeds=None, head_mask=None, patch=None) -> MultipleChoiceModelOutput:
         lead = np.shape(input_ids if input_ids is not None else inputs_embeds)
         if len(lead) != (3 if input_ids is not None else 4):
             name = "input_ids" if input_ids is not None else "inputs_embeds"
@@ -458,7 +466,7 @@ class BertForMultipleChoice(_Classifier):
         out = self._encode(flat("input_ids", input_ids), flat("attention_mask", attention_mask),
                            flat("token_type_ids", token_type_ids), flat("position_ids", position_ids),
                            output_hidden_states, output_attentions, capture, labels,
-                           inputs_embeds=flat("inputs_embeds", inputs_embeds, 1))
+                           inputs_embeds=flat("inputs_embeds", inputs_embeds, 1), head_mask=head_mask, patch=patch)
         logits = F.linear(out["pooler_output"], **self._params["classifier"]).reshape(B, C)  # [B, num_choices]
         loss = None if labels is None else cross_entropy(logits, class_labels("labels", labels, (B,), C))
         return self._finish(MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
@@ -470,9 +478,11 @@ class BertForTokenClassification(_Classifier):
     """``logits`` [B, T, num_labels], one prediction per token; ``labels`` [B, T] (-100: not scored)."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None) -> TokenClassifierOutput:
+                 output_hidden_states=None, output_attentions=None, return_dict=None, capture=None, inputs_embeds=None,
+                head_mask=None, patch=None) -> TokenClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, labels, inputs_embeds=inputs_embeds)
+                           output_attentions, capture, labels, inputs_embeds=inputs_embeds,
+                           head_mask=head_mask, patch=patch)
         logits = F.linear(out["last_hidden_state"], **self._params["classifier"])  # [B, T, num_labels]
         loss = None
         if labels is not None:
@@ -492,9 +502,11 @@ class BertForQuestionAnswering(_Classifier):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  start_positions=None, end_positions=None, output_hidden_states=None, output_attentions=None,
-                 return_dict=None, capture=None, inputs_embeds=None) -> QuestionAnsweringModelOutput:
+                 return_dict=None, capture=None, inputs_embeds=None,
+                head_mask=None, patch=None) -> QuestionAnsweringModelOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           output_attentions, capture, start_positions, end_positions, inputs_embeds=inputs_embeds)
+                           output_attentions, capture, start_positions, end_positions, inputs_embeds=inputs_embeds,
+                           head_mask=head_mask, patch=patch)
         logits = F.linear(out["last_hidden_state"], **self._params["qa_outputs"])  # [B, T, 2]
         start, end = logits[..., 0], logits[..., 1]  # [B, T] each
         loss = None

@@ -127,3 +127,21 @@ def prepare_inputs(config: BertConfig, input_ids, attention_mask=None, token_typ
 
     ids = None if embeds is not None else ids.astype(np.int64, copy=False)
     return ids, mask, tt.astype(np.int64, copy=False), pos.astype(np.int64, copy=False), embeds
+
+
+def check_head_mask(head_mask, n_layers: int, n_head: int, dtype):
+    """``head_mask`` as [L, nH] in ``dtype``, or None: [nH] applies to every layer, [L, nH] per
+    layer (transformers 4's shapes; 1 keeps a head, 0 removes it, other values weigh it)."""
+    if head_mask is None:
+        return None
+    hm = _as_array("head_mask", head_mask)
+    if not (np.issubdtype(hm.dtype, np.number) or hm.dtype == np.bool_) or np.iscomplexobj(hm):
+        raise TypeError(f"head_mask must hold real numbers; got dtype {hm.dtype}")
+    if hm.shape not in ((n_head,), (n_layers, n_head)):
+        raise ValueError(f"head_mask has shape {hm.shape}; expected ({n_head},) (every layer) or "
+                         f"({n_layers}, {n_head}) (one row per layer): the model has {n_layers} layers of "
+                         f"{n_head} heads")
+    hm = hm.astype(dtype)
+    if not np.isfinite(hm).all():
+        raise ValueError(f"head_mask holds a non-finite value ({hm[~np.isfinite(hm)][0]}); expected finite weights")
+    return np.ascontiguousarray(np.broadcast_to(hm, (n_layers, n_head)))

@@ -24,7 +24,8 @@ residual and LayerNorm, as an epilogue (kernels/dense.py). A writable weight, or
 set, goes through ``k["dense_act"]`` / ``k["dense_layernorm"]`` on the arrays as they are.
 
 Taps: the functions take ``tap`` (a :class:`minibert.taps.Taps`, or None for none) and the
-module path ``name`` they run under, and hand it their named intermediates.
+module path ``name`` they run under, hand it their named intermediates and go on with what it
+returns (a patch's replacement, or the same array).
 """
 from __future__ import annotations
 
@@ -170,67 +171,72 @@ def _qkv_unfused(gemm, query, key, value, x):  # [N, H] -> [N, 3H]: three GEMMs 
 
 
 # -- the encoder ------------------------------------------------------------------------------------
-def attention(qkv, batch: Batch, n_head, k, keep_probs=False):
+def attention(qkv, batch: Batch, n_head, k, keep_probs=False, tap=None, name="", head_mask=None):
     # [N, 3H] -> context [N, H], probs [B, nH, T, T] (keep_probs: dense batch) or None
     # context = softmax(q·kᵀ·scale + mask)·v per head, the heads side by side in [N, H]
     N, H = qkv.shape[0], qkv.shape[1] // 3
     dH = H // n_head
     scale = dH ** -0.5
-    if not keep_probs:  # the whole formula in one kernel, one sequence at a time (kernels/attention.py):
+    if not (keep_probs or tap or head_mask is not None):  # the whole formula in one kernel (kernels/attention.py):
         # packed sequences attend to their own rows only; a dense batch uses its mask rows
         return k["attention"](qkv, batch.starts, n_head, scale, None if batch.is_packed else batch.mask), None
+    # each intermediate materialized, handed to the tap (which may replace it): dense batches only
     B, T = batch.B, batch.T
     t = qkv.reshape(B, T, 3, n_head, dH)
     q, kk, v = (t[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, nH, T, dH] views, no copy
+    if tap:
+        q, kk, v = (tap(f"{name}.{n}", x) for n, x in (("query", q), ("key", kk), ("value", v)))
     scores = q @ kk.transpose(0, 1, 3, 2)  # [B, nH, T, T]
-    probs = k["masked_softmax"](scores, batch.mask, scale, out=scores)  # softmax(scores·scale + mask), in place
+    if tap and tap.patched(name + ".scores"):  # the softmax runs on the patched scores as given
+        full = scores * scores.dtype.type(scale) if batch.mask is None else scores * scores.dtype.type(scale) + \
+            batch.mask[:, None, None, :]
+        probs = k["masked_softmax"](tap(name + ".scores", full), None, 1.0)
+    else:
+        if tap and tap.wants(name + ".scores"):  # captured only: the kernels never materialize it
+            tap(name + ".scores", scores * scores.dtype.type(scale) if batch.mask is None else
+                scores * scores.dtype.type(scale) + batch.mask[:, None, None, :])
+        probs = k["masked_softmax"](scores, batch.mask, scale, out=scores)  # softmax(scores·scale + mask), in place
+    if head_mask is not None:  # [nH]: transformers 4's head_mask, on the probabilities
+        probs *= head_mask[None, :, None, None]
+    if tap:
+        probs = tap(name + ".probs", probs)
     context = np.empty((N, H), dtype=qkv.dtype)
     np.matmul(probs, v, out=context.reshape(B, T, n_head, dH).transpose(0, 2, 1, 3))  # straight into [N, H]
+    if tap:
+        context = tap(name + ".context", context.reshape(B, T, H)).reshape(N, H)
     return context, probs
 
 
-def self_attention(x, batch: Batch, qkv_dense, n_head, k, keep_probs=False, tap=None, name=""):
+def self_attention(x, batch: Batch, qkv_dense, n_head, k, keep_probs=False, tap=None, name="", head_mask=None):
     # [N, H] -> context [N, H], probs [B, nH, T, T] or None
-    qkv = qkv_dense(x)  # [N, 3H]: q | k | v
-    context, probs = attention(qkv, batch, n_head, k, keep_probs=keep_probs or bool(tap))
-    if tap:  # taps run on dense batches only (see bert)
-        B, T, H = batch.B, batch.T, x.shape[-1]
-        q, kk, v = (split_heads(qkv[:, i * H:(i + 1) * H].reshape(B, T, H), n_head) for i in range(3))
-        tap(name + ".query", q)  # [B, nH, T, dH]
-        tap(name + ".key", kk)
-        tap(name + ".value", v)
-        if tap.wants(name + ".scores"):  # the one intermediate the softmax kernels never materialize
-            scores = (q @ kk.transpose(0, 1, 3, 2)) * q.dtype.type(q.shape[-1] ** -0.5)
-            tap(name + ".scores", scores if batch.mask is None else scores + batch.mask[:, None, None, :])
-        tap(name + ".probs", probs)
-        tap(name + ".context", context.reshape(B, T, H))
-    return context, probs
+    return attention(qkv_dense(x), batch, n_head, k, keep_probs, tap, name, head_mask)  # qkv [N, 3H]: q | k | v
 
 
-def attention_block(x, batch: Batch, d: LayerDense, n_head, k, keep_probs=False, tap=None, name=""):
+def attention_block(x, batch: Batch, d: LayerDense, n_head, k, keep_probs=False, tap=None, name="", head_mask=None):
     # [N, H] -> [N, H], [B, nH, T, T] or None
-    context, probs = self_attention(x, batch, d.qkv, n_head, k, keep_probs, tap, name + ".self")
+    context, probs = self_attention(x, batch, d.qkv, n_head, k, keep_probs, tap, name + ".self", head_mask)
     a = d.attention_output(context, x)  # [N, H]: LayerNorm(context·Wᵀ + b + x)
     if tap:
-        tap(name + ".output", batch.unpack(a))
+        a = tap(name + ".output", batch.unpack(a)).reshape(a.shape)
     return a, probs
 
 
-def layer(x, batch: Batch, d: LayerDense, n_head, k, keep_probs=False, tap=None, name=""):
+def layer(x, batch: Batch, d: LayerDense, n_head, k, keep_probs=False, tap=None, name="", head_mask=None):
     # [N, H] -> [N, H], [B, nH, T, T] or None
-    a, probs = attention_block(x, batch, d, n_head, k, keep_probs, tap, name + ".attention")  # [N, H]
+    a, probs = attention_block(x, batch, d, n_head, k, keep_probs, tap, name + ".attention", head_mask)  # [N, H]
     h = d.intermediate(a)  # [N, I]: act(a·Wᵀ + b)
+    if tap:
+        h = tap(name + ".intermediate", batch.unpack(h)).reshape(h.shape)
     out = d.output(h, a)  # [N, H]: LayerNorm(h·Wᵀ + b + a)
     if tap:
-        tap(name + ".intermediate", batch.unpack(h))
-        tap(name + ".output", batch.unpack(out))
+        out = tap(name + ".output", batch.unpack(out)).reshape(out.shape)
     return out, probs
 
 
 def pooler(h, pooler_dense, tap=None):  # [B, T, H] -> [B, H]
     pre = pooler_dense(np.ascontiguousarray(h[:, 0]))  # [B, H]: h[:, 0]·Wᵀ + b
     if tap:
-        tap("pooler.dense", pre)
+        pre = tap("pooler.dense", pre)
     return np.tanh(pre)
 
 
@@ -246,18 +252,21 @@ def lm_head(h, *, transform, decoder, bias, eps, act, k):  # [..., H] -> [..., V
 
 def bert(params: Dict, layers: List[LayerDense], pooler_dense, input_ids, attention_mask, token_type_ids,
          position_ids, *, n_head: int, eps: float, k: Dict, output_hidden_states: bool = False,
-         output_attentions: bool = False, tap=None, skip_padding: bool = False, inputs_embeds=None):
+         output_attentions: bool = False, tap=None, skip_padding: bool = False, inputs_embeds=None, head_mask=None):
     """The whole BertModel. ``layers``: each layer's :class:`LayerDense`; ``pooler_dense``: the
     pooler's dense layer, or None for no pooler. Inputs are checked int64 [B, T] arrays
     (``attention_mask`` 0/1 in the compute dtype). Returns a dict of last_hidden_state [B, T, H],
     pooler_output [B, H] or None, hidden_states (L + 1 of [B, T, H]) or None, attentions (L of
     [B, nH, T, T]) or None, and captures ({tap name: array}) or None. ``inputs_embeds`` [B, T, H]
     stand in for the word embeddings of ``input_ids`` (then None), as in transformers.
+    ``head_mask``: None or [L, nH] in the compute dtype, multiplying each layer's attention
+    probabilities per head (transformers 4's ``head_mask``).
 
     ``skip_padding=False`` runs the dense batch as transformers does: padding positions hold values
     computed from the pad tokens. ``skip_padding=True``: a batch with padding runs packed (see
     :class:`Batch`) and the outputs hold zeros at padding positions; valid positions and the
-    pooler are unchanged. Asking for attentions or captures always runs the dense batch."""
+    pooler are unchanged. Asking for attentions, captures, patches or a head mask always runs the
+    dense batch."""
     dtype = params["embeddings"]["LayerNorm"]["weight"].dtype
     wanted, tap = tap, (tap or None)  # an empty Taps runs like None and still returns {}
     valid = attention_mask != 0  # [B, T]
@@ -265,7 +274,8 @@ def bert(params: Dict, layers: List[LayerDense], pooler_dense, input_ids, attent
     padded = not valid.all()
     # packed: only the valid tokens run. Not when a pooler reads a padding position 0 (left padding):
     # transformers' pooler_output is computed from that pad token's hidden state
-    if skip_padding and padded and not (output_attentions or tap) and (pooler_dense is None or valid[:, 0].all()):
+    if skip_padding and padded and not (output_attentions or tap or head_mask is not None) and \
+            (pooler_dense is None or valid[:, 0].all()):
         batch = Batch.packed(valid)
         flat = lambda a: None if a is None else a.reshape(-1, *a.shape[2:])[batch.rows]  # noqa: E731  [N, ...]
     else:  # no additive mask at all without padding: adding zeros would change nothing
@@ -274,12 +284,13 @@ def bert(params: Dict, layers: List[LayerDense], pooler_dense, input_ids, attent
     x = embeddings(flat(input_ids), flat(token_type_ids), flat(position_ids), **params["embeddings"], eps=eps, k=k,
                    inputs_embeds=flat(inputs_embeds))  # [N, H]
     if tap:
-        tap("embeddings", batch.unpack(x))
+        x = tap("embeddings", batch.unpack(x)).reshape(x.shape)
     # intermediates are kept only when asked for: nothing of a layer outlives the next one otherwise
     hidden: List[np.ndarray] = [batch.unpack(x)] if output_hidden_states else []
     attentions: List[np.ndarray] = []
     for i, d in enumerate(layers):
-        x, probs = layer(x, batch, d, n_head, k, output_attentions, tap, f"encoder.layer.{i}")
+        x, probs = layer(x, batch, d, n_head, k, output_attentions, tap, f"encoder.layer.{i}",
+                         None if head_mask is None else head_mask[i])
         if output_hidden_states:
             hidden.append(batch.unpack(x))
         if output_attentions:
