@@ -281,6 +281,8 @@ def bert(params: Dict, layers: List[LayerDense], pooler_dense, input_ids, attent
     else:  # no additive mask at all without padding: adding zeros would change nothing
         batch = Batch(B, T, mask=additive_mask(attention_mask, dtype) if padded else None)
         flat = lambda a: None if a is None else a.reshape(-1, *a.shape[2:])  # noqa: E731  [B·T, ...]
+    if tap:
+        tap.batch = dict(valid=valid, n_head=n_head)
     x = embeddings(flat(input_ids), flat(token_type_ids), flat(position_ids), **params["embeddings"], eps=eps, k=k,
                    inputs_embeds=flat(inputs_embeds))  # [N, H]
     if tap:

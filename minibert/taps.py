@@ -36,6 +36,7 @@ class Taps:
         self.names = frozenset(names)
         self.patches: Dict[str, object] = dict(patches or {})
         self.captured: Dict[str, np.ndarray] = {}
+        self.batch: Dict[str, object] = {}  # valid [B, T] and n_head, set by the pass (see _replacement)
 
     def wants(self, name: str) -> bool:
         return name in self.names or name in self.patches
@@ -45,7 +46,7 @@ class Taps:
 
     def __call__(self, name: str, value):
         if name in self.patches:
-            value = _replacement(name, value, self.patches[name])
+            value = _replacement(name, value, self.patches[name], self.batch)
         if name in self.names:
             self.captured[name] = value
         return value
@@ -54,10 +55,17 @@ class Taps:
         return bool(self.names or self.patches)
 
 
-def _replacement(name, value, patch):
+def _replacement(name, value, patch, batch):
     """The array a patch puts in place of ``value`` at tap ``name``: a fresh C-contiguous array of
-    value's shape and dtype (the pass may write into it; the caller's array stays as it was)."""
-    given = patch(_read_only(value), name) if callable(patch) else patch
+    value's shape and dtype (the pass may write into it; the caller's array stays as it was).
+    A function is called ``f(value, name)``; minibert's own patches that need the batch (they set
+    ``wants_batch = True``, e.g. interventions.ablate_heads' mean) get ``valid=`` [B, T] and
+    ``n_head=`` too."""
+    if callable(patch):
+        extra = batch if getattr(patch, "wants_batch", False) else {}
+        given = patch(_read_only(value), name, **extra)
+    else:
+        given = patch
     try:
         arr = np.asarray(given)
     except (TypeError, ValueError) as e:
