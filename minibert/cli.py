@@ -103,8 +103,7 @@ def _softmax(x):  # float64 probabilities over the last axis
     return np.exp(log_softmax(x.reshape(-1, x.shape[-1]))).reshape(x.shape)
 
 
-def cmd_fill_mask(args) -> int:
-    tokenizer, model = _load_task("BertForMaskedLM", args.model, args)
+def _masked_batch(tokenizer, model, args):  # the texts tokenized, each checked to hold a [MASK]
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
         raise ValueError(f"the tokenizer of {args.model} has no mask token")
@@ -118,6 +117,12 @@ def cmd_fill_mask(args) -> int:
         if not (ids[i] == mask_id).any():
             raise ValueError(f"text {i} ({text!r}) has no {tokenizer.mask_token} token "
                              f"(or it was truncated away at {limit} tokens)")
+    return x, ids, mask_id
+
+
+def cmd_fill_mask(args) -> int:
+    tokenizer, model = _load_task("BertForMaskedLM", args.model, args)
+    x, ids, mask_id = _masked_batch(tokenizer, model, args)
     logits = model(**x).logits  # [B, T, V]
     for i, text in enumerate(args.texts):
         print(f"text {i}: {text!r}")
@@ -132,6 +137,23 @@ def cmd_fill_mask(args) -> int:
                 token = tokenizer.convert_ids_to_tokens([t])[0]
                 sequence = tokenizer.decode(filled, skip_special_tokens=True)
                 print(f"    {rank:>2}. {token:<15} {probs[t]:.4f}   {sequence}")
+    return 0
+
+
+def cmd_logit_lens(args) -> int:
+    tokenizer, model = _load_task("BertForMaskedLM", args.model, args)
+    x, ids, mask_id = _masked_batch(tokenizer, model, args)
+    lens = model.logit_lens(**x, top_k=args.top_k, tokenizer=tokenizer)
+    width = 22
+    for i, text in enumerate(args.texts):
+        print(f"text {i}: {text!r}")
+        n = int(x["attention_mask"][i].sum())
+        for pos in np.flatnonzero(ids[i, :n] == mask_id):
+            print(f"  {tokenizer.mask_token} at token {pos}: top {args.top_k} by layer (0: the embeddings)")
+            print("    layer  " + "".join(f"{'top-' + str(r + 1):<{width}}" for r in range(args.top_k)).rstrip())
+            for layer in range(lens.logits.shape[0]):
+                cells = [f"{tok} {p:.4f}" for tok, p in zip(lens.top_tokens[layer][i][pos], lens.top_probs[layer, i, pos])]
+                print(f"    {layer:>5}  " + "".join(f"{c:<{width}}" for c in cells).rstrip())
     return 0
 
 
@@ -412,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(f, FILL_MASK_MODEL, f"a BertForMaskedLM checkpoint (default: {FILL_MASK_MODEL})")
     f.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="tokens to show per mask (default 5)")
     f.set_defaults(func=cmd_fill_mask)
+
+    ll = sub.add_parser("logit-lens", help="the [MASK] predictions of every layer (the MLM head on each hidden state)",
+                        description="For each [MASK] in each TEXT, print a layer x top-k table: the tokens the "
+                                    "masked-LM head predicts from each layer's hidden state, with probabilities.")
+    ll.add_argument("texts", nargs="+", metavar="TEXT")
+    _common(ll, FILL_MASK_MODEL, f"a BertForMaskedLM checkpoint (default: {FILL_MASK_MODEL})")
+    ll.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="tokens per layer (default 5)")
+    ll.set_defaults(func=cmd_logit_lens)
 
     c = sub.add_parser("classify", help="label texts with a sequence-classification checkpoint",
                        description="Print each TEXT's labels (config.id2label) with scores: softmax for "

@@ -22,6 +22,7 @@ from .config import ACTIVATIONS, BertConfig
 from .losses import bce_with_logits, class_labels, cross_entropy, mse
 from .modules import Activation, LayerNorm, Linear, Module
 from .outputs import (
+    LogitLensOutput,
     BertForPreTrainingOutput,
     MaskedLMOutput,
     MultipleChoiceModelOutput,
@@ -303,6 +304,42 @@ class BertForMaskedLM(BertPreTrainedModel):
             loss = cross_entropy(logits, y)
         return self._finish(MaskedLMOutput(loss=loss, logits=logits, hidden_states=out["hidden_states"],
                                            attentions=out["attentions"], captures=out["captures"]), return_dict)
+
+    def logit_lens(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                   top_k: int = 5, inputs_embeds=None, tokenizer=None, patch=None) -> LogitLensOutput:
+        """The MLM head applied to every hidden state, the embeddings' and each layer's (the "logit
+        lens", nostalgebraist 2020): what the model would predict if it stopped at layer l. The
+        last row is ``model(**x).logits``. ``top_tokens`` come from ``tokenizer``, by default the
+        checkpoint's own (None if it has none); ``patch=`` as in :meth:`forward`."""
+        V = self.config.vocab_size
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= V:
+            raise ValueError(f"top_k must be an integer from 1 to the vocabulary size {V}; got {top_k!r}")
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, True, False, None,
+                           inputs_embeds=inputs_embeds, patch=patch)
+        logits = np.stack([self._lm_logits(h) for h in out["hidden_states"]]).astype(np.float32, copy=False)
+        part = np.argpartition(-logits, top_k - 1, axis=-1)[..., :top_k]  # the k best, unordered
+        vals = np.take_along_axis(logits, part, axis=-1)
+        order = np.lexsort((part, -vals), axis=-1)  # best first, ties by the lower id
+        top_ids = np.take_along_axis(part, order, axis=-1)
+        x = logits.astype(np.float64)
+        m = x.max(axis=-1, keepdims=True)
+        log_z = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))  # log-sum-exp over the vocabulary
+        top_probs = np.exp(np.take_along_axis(x, top_ids, axis=-1) - log_z).astype(np.float32)
+        if tokenizer is None:
+            tokenizer = self._own_tokenizer()
+        tokens = None
+        if tokenizer is not None:
+            flat = tokenizer.convert_ids_to_tokens(top_ids.reshape(-1).tolist())
+            tokens = np.array(flat, dtype=object).reshape(top_ids.shape).tolist()
+        return LogitLensOutput(logits=logits, top_ids=top_ids, top_tokens=tokens, top_probs=top_probs)
+
+    def _own_tokenizer(self):  # the checkpoint's tokenizer, or None when its folder has none
+        from .tokenizer import BertTokenizer
+
+        try:
+            return BertTokenizer.from_pretrained(self.name_or_path)
+        except (OSError, ValueError, TypeError):
+            return None
 
 
 class BertForNextSentencePrediction(BertPreTrainedModel):

@@ -130,3 +130,11 @@ class QuestionAnsweringModelOutput(ModelOutput):
     """BertForQuestionAnswering: loss, start_logits [B, T], end_logits [B, T], hidden_states, attentions."""
 
     _fields = ("loss", "start_logits", "end_logits", "hidden_states", "attentions", "captures")
+
+
+class LogitLensOutput(ModelOutput):
+    """BertForMaskedLM.logit_lens: logits [L+1, B, T, V] (float32) of the MLM head on each of the
+    L + 1 hidden states; top_ids and top_probs [L+1, B, T, k], best first; top_tokens, the same
+    as nested lists of token strings (None without a tokenizer)."""
+
+    _fields = ("logits", "top_ids", "top_tokens", "top_probs")
