@@ -326,20 +326,15 @@ class BertForMaskedLM(BertPreTrainedModel):
         log_z = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))  # log-sum-exp over the vocabulary
         top_probs = np.exp(np.take_along_axis(x, top_ids, axis=-1) - log_z).astype(np.float32)
         if tokenizer is None:
-            tokenizer = self._own_tokenizer()
+            from .tokenizer import checkpoint_tokenizer
+
+            tokenizer = checkpoint_tokenizer(self.name_or_path)
         tokens = None
         if tokenizer is not None:
             flat = tokenizer.convert_ids_to_tokens(top_ids.reshape(-1).tolist())
             tokens = np.array(flat, dtype=object).reshape(top_ids.shape).tolist()
         return LogitLensOutput(logits=logits, top_ids=top_ids, top_tokens=tokens, top_probs=top_probs)
 
-    def _own_tokenizer(self):  # the checkpoint's tokenizer, or None when its folder has none
-        from .tokenizer import BertTokenizer
-
-        try:
-            return BertTokenizer.from_pretrained(self.name_or_path)
-        except (OSError, ValueError, TypeError):
-            return None
 
 
 class BertForNextSentencePrediction(BertPreTrainedModel):

@@ -357,3 +357,11 @@ def _from_vocab(vocab: Path, cfg: Dict, specials: Dict):
     # special tokens are matched whole in the input text, as transformers does
     backend.add_special_tokens([t for t in specials.values() if t is not None and backend.token_to_id(t) is not None])
     return backend
+
+
+def checkpoint_tokenizer(name_or_path) -> Optional[BertTokenizer]:
+    """The tokenizer stored with a checkpoint, or None when it has no tokenizer files."""
+    try:
+        return BertTokenizer.from_pretrained(name_or_path)
+    except OSError:
+        return None
