@@ -30,6 +30,19 @@ def test_kernel_benchmark_validates_times_and_writes_json(tmp_path):
         assert op in r.stdout
 
 
+def test_interventions_benchmark_times_patches_and_activation_patching(tmp_path):
+    out = tmp_path / "iv.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.interventions", "--shapes", "1x16", "--repeats", "1",
+                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu"] and "cpu_flags" in data["machine"]
+    assert len(data["patch_vs_capture"]) == 3 and all(row["capture_ms"] > 0 and row["patch_ms"] > 0
+                                                       for row in data["patch_vs_capture"])
+    ap = data["activation_patching"]
+    assert ap["cells"] == 6 * 16 and ap["calls"] == 2 + 2 and ap["median_s"] > 0  # 96 cells, 64 a call
+
+
 def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
     """The peer benchmark end to end on a small model with BERT's vocabulary: every engine it finds
     is checked against minibert first (maxdiff recorded), timed, and written to JSON and PNG; peers
@@ -129,7 +142,7 @@ def test_benchmarks_write_a_new_file_unless_told(tmp_path):
     from benchmarks.common import new_result
 
     assert re.fullmatch(r"benchmarks/results/model-\d{8}-\d{6}\.json", new_result("model"))
-    for name in ("model", "kernels", "footprint", "ab"):
+    for name in ("model", "kernels", "footprint", "ab", "interventions"):
         src = (ROOT / "benchmarks" / f"{name}.py").read_text()
         assert re.search(r'"--output", default=None', src), name
         assert 'default="benchmarks/results/' not in src, name
