@@ -258,3 +258,27 @@ def test_bad_problem_type(tmp_path):
     model = minibert.BertForSequenceClassification.from_pretrained(path)
     with pytest.raises(ValueError, match="problem_type='ranking'"):
         model(np.ones((1, 3), dtype=np.int64), labels=np.array([1]))
+
+
+def test_head_takes_patch_and_head_mask(head_checkpoint):
+    """patch= on a task model against transformers' task model with a forward hook returning the
+    same replacement; head_mask= there equals the same heads' probabilities patched to 0."""
+    cls_name, path, fields = head_checkpoint
+    ours = getattr(minibert, cls_name).from_pretrained(path)
+    theirs = hf_model(path, "float32", cls_name)
+    ids, mask, tt = random_batch(np.random.default_rng(3), TINY, B=2, T=9, pairs=True)
+    handle = theirs.bert.encoder.layer[1].output.register_forward_hook(lambda m, a, out: out * 1.5 - 0.25)
+    try:
+        t = hf_forward(theirs, "float32", input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    finally:
+        handle.remove()
+    o = ours(ids, attention_mask=mask, token_type_ids=tt, patch={"encoder.layer.1.output": lambda v, n: v * 1.5 - 0.25})
+    for f in fields:
+        assert_close(getattr(o, f), getattr(t, f).numpy(), TOL["fp32"], f"{cls_name} {f} under a patch")
+    hm = np.ones((TINY["num_hidden_layers"], TINY["num_attention_heads"]))
+    hm[0, [0, 2]] = 0
+    a = ours(ids, attention_mask=mask, token_type_ids=tt, head_mask=hm)
+    zero = lambda p, n: p * np.array([0, 1, 0, 1], dtype=p.dtype)[:, None, None]  # noqa: E731
+    b = ours(ids, attention_mask=mask, token_type_ids=tt, patch={"encoder.layer.0.attention.self.probs": zero})
+    for f in fields:
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
