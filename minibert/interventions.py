@@ -186,6 +186,8 @@ def activation_patching(model, clean, corrupted, metric: Callable[[ModelOutput],
     """For each tap matching ``taps`` (and each position, ``per_position``): ``metric`` of the
     ``corrupted`` run with that tap's value (at that position) replaced by the ``clean`` run's.
 
+    ``taps`` selects as ``capture=`` does: the default glob matches each layer's ``output`` and its
+    ``attention.output``; pass a list of names for the layer outputs alone.
     ``clean``, ``corrupted``: tokenizer outputs of the same shape. ``metric(out) -> float`` takes the
     model's output for the batch (e.g. a logit difference). The patched runs go through the model
     as batches of up to ``batch_size`` sequences, several cells in each; each cell's output is cut
