@@ -351,8 +351,16 @@ def cmd_inspect(args) -> int:
     if args.head is not None and not args.attention_png:
         raise ValueError("--head selects the head to draw: give --attention-png FILE too")
 
+    layers = None
+    if args.layers is not None:
+        bad = [i for i in args.layers if not -L <= i < L]
+        if bad:
+            raise ValueError(f"--layers {bad[0]} is out of range; the model has {L} layers (0 .. {L - 1})")
+        layers = args.layers
+
     print("\n".join(tree_lines(model, "")))
-    x = tokenizer(args.text, truncation=True, max_length=min(tokenizer.model_max_length, c.max_position_embeddings))
+    x = tokenizer(args.text, args.pair, truncation=True,
+                  max_length=min(tokenizer.model_max_length, c.max_position_embeddings))
     out = model(**x, output_hidden_states=True, output_attentions=True)
     tokens = tokenizer.convert_ids_to_tokens(x["input_ids"][0])
     print(f"\ntokens ({len(tokens)}): " + " ".join(f"{t}({i})" for t, i in zip(tokens, x["input_ids"][0])))
@@ -376,6 +384,12 @@ def cmd_inspect(args) -> int:
             print(f"h_CLS (last_hidden_state[0, 0]): {_fmt(cls_vec)}")
             print(f"cosine(h_CLS, pooler_output) = {cos:.4f}")
 
+    if args.html:
+        from .viz import attention_html
+
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(attention_html(model, tokenizer, args.text, args.pair, layers))
+        log.info("wrote %s (head, model and neuron views; open it in a browser)", args.html)
     if args.attention_png:
         plot_attention(args.attention_png, out.attentions[layer][0], tokens, layer, args.head)
         log.info("wrote %s (layer %d, %s)", args.attention_png, layer,
@@ -388,6 +402,17 @@ def _int(s: str) -> int:
         return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def _int_list(s: str) -> list:
+    try:
+        return [int(p) for p in s.split(",") if p.strip()] or _bad_list(s)
+    except ValueError:
+        return _bad_list(s)
+
+
+def _bad_list(s):
+    raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,3,5; got {s!r}")
 
 
 def _nonneg_int(s: str) -> int:
@@ -483,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--layer", type=_int, default=None, metavar="L", help="layer to draw (default: the last; -1 works)")
     ins.add_argument("--head", type=_nonneg_int, default=None, metavar="H", help="one head to draw (default: all)")
     ins.add_argument("--pooler", action="store_true", help="show pooler_output and its cosine with the [CLS] vector")
+    ins.add_argument("--pair", default=None, metavar="TEXT_B", help="a second text: TEXT and TEXT_B as a sentence pair")
+    ins.add_argument("--html", default=None, metavar="FILE.html",
+                     help="write the attention viewer (head, model and neuron views) as one self-contained HTML file")
+    ins.add_argument("--layers", type=_int_list, default=None, metavar="L,L,...",
+                     help="the layers the HTML file holds (default all)")
     ins.set_defaults(func=cmd_inspect)
     return p
 
