@@ -33,12 +33,25 @@ def _layers(layers, L) -> list:
     return sorted({i % L for i in chosen})
 
 
+def _label(name) -> str:  # the model's name for the page: the repo id of the packaged default, not its folder
+    from pathlib import Path
+
+    from .hub import DEFAULT_MODEL, packaged_model_dir
+
+    if not name:
+        return ""
+    packaged = packaged_model_dir()
+    if packaged is not None and Path(name).resolve() == packaged.resolve():
+        return DEFAULT_MODEL
+    return str(name)
+
+
 def _b64(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
 
 
 def attention_data(model, tokenizer, text: str, text_pair: Optional[str] = None,
-                   layers: Optional[Sequence[int]] = None) -> dict:
+                   layers: Optional[Sequence[int]] = None, max_length: Optional[int] = None) -> dict:
     """What the page shows, as JSON-ready values: the tokens, their segments, and per chosen layer
     the attention [nH, T, T] (uint8), queries and keys [nH, T, dH] (float16), base64."""
     if not isinstance(text, str) or (text_pair is not None and not isinstance(text_pair, str)):
@@ -48,6 +61,10 @@ def attention_data(model, tokenizer, text: str, text_pair: Optional[str] = None,
     L, nH = c.num_hidden_layers, c.num_attention_heads
     chosen = _layers(layers, L)
     limit = min(tokenizer.model_max_length, c.max_position_embeddings)
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+            raise ValueError(f"max_length must be an integer of at least 2; got {max_length!r}")
+        limit = min(limit, int(max_length))
     x = tokenizer(text, text_pair, truncation=True, max_length=limit)
     names = [f"encoder.layer.{i}.attention.self.{n}" for i in chosen for n in ("query", "key", "probs")]
     out = bert(**x, capture=names)
@@ -59,7 +76,7 @@ def attention_data(model, tokenizer, text: str, text_pair: Optional[str] = None,
     tt = x.get("token_type_ids")
     segments = [int(s) for s in (tt[0] if tt is not None else np.zeros(len(tokens), dtype=int))]
     return {
-        "model": str(getattr(bert, "name_or_path", "") or ""),
+        "model": _label(getattr(bert, "name_or_path", None)),
         "text": text, "text_pair": text_pair,
         "tokens": tokens, "segments": segments, "layers": chosen, "heads": [list(range(nH)) for _ in chosen],
         "T": len(tokens), "dH": int(q.shape[-1]), "scale": float(q.shape[-1] ** -0.5),
@@ -69,11 +86,12 @@ def attention_data(model, tokenizer, text: str, text_pair: Optional[str] = None,
 
 
 def attention_html(model, tokenizer, text: str, text_pair: Optional[str] = None,
-                   layers: Optional[Sequence[int]] = None) -> str:
+                   layers: Optional[Sequence[int]] = None, max_length: Optional[int] = None) -> str:
     """One self-contained HTML page showing ``model``'s attention on ``text`` (and ``text_pair``):
     head view, model view, neuron view, and a sentence-pair filter. ``layers``: the layer indices
-    to include (default all; fewer make a smaller file)."""
-    data = attention_data(model, tokenizer, text, text_pair, layers)
+    to include (default all; fewer make a smaller file). ``max_length``: truncate the tokens there
+    (default the model's limit); bert-base at 128 tokens, all 144 heads, is about 10 MB."""
+    data = attention_data(model, tokenizer, text, text_pair, layers, max_length)
     page = resources.files("minibert").joinpath("viz.html").read_text(encoding="utf-8")
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # safe inside <script>
     title = html.escape(f"attention: {text[:60]}" + (f" / {text_pair[:40]}" if text_pair else ""))
@@ -96,6 +114,6 @@ class AttentionView:
 
 
 def show(model, tokenizer, text: str, text_pair: Optional[str] = None,
-         layers: Optional[Sequence[int]] = None) -> AttentionView:
+         layers: Optional[Sequence[int]] = None, max_length: Optional[int] = None) -> AttentionView:
     """:func:`attention_html` for a notebook: the returned object displays itself."""
-    return AttentionView(attention_html(model, tokenizer, text, text_pair, layers))
+    return AttentionView(attention_html(model, tokenizer, text, text_pair, layers, max_length))

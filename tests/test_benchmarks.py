@@ -43,6 +43,19 @@ def test_interventions_benchmark_times_patches_and_activation_patching(tmp_path)
     assert ap["cells"] == 6 * 16 and ap["calls"] == 2 + 2 and ap["median_s"] > 0  # 96 cells, 64 a call
 
 
+def test_viz_benchmark_measures_the_page_in_chromium(tmp_path):
+    from conftest import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "small", vocab_size=30522, max_position_embeddings=64)
+    out = tmp_path / "viz.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.viz", "--model", str(ckpt), "--tokens", "16",
+                        "--repeats", "1", "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["tokens"] == 16 and data["layers"] == 2 and data["page_bytes"] > 0 and data["machine"]["cpu"]
+    assert all(len(v) == 1 and v[0] >= 0 for v in data["times_ms"].values())
+
+
 def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
     """The peer benchmark end to end on a small model with BERT's vocabulary: every engine it finds
     is checked against minibert first (maxdiff recorded), timed, and written to JSON and PNG; peers
@@ -142,7 +155,7 @@ def test_benchmarks_write_a_new_file_unless_told(tmp_path):
     from benchmarks.common import new_result
 
     assert re.fullmatch(r"benchmarks/results/model-\d{8}-\d{6}\.json", new_result("model"))
-    for name in ("model", "kernels", "footprint", "ab", "interventions"):
+    for name in ("model", "kernels", "footprint", "ab", "interventions", "viz"):
         src = (ROOT / "benchmarks" / f"{name}.py").read_text()
         assert re.search(r'"--output", default=None', src), name
         assert 'default="benchmarks/results/' not in src, name

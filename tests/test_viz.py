@@ -174,3 +174,12 @@ def test_cli_inspect_writes_the_page(minilm_dir, tmp_path, browser):
                          (["--layers", "a,b"], "comma-separated layer indices")]:
         r = run("inspect", "--model", str(minilm_dir), "the cat", "--html", str(out), *args)
         assert r.returncode != 0 and phrase in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_max_length_cuts_the_tokens(minilm):
+    model, tok = minilm
+    page = attention_html(model, tok, "one two three four five six seven eight nine ten", max_length=6)
+    assert '"T": 6' in page
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be an integer of at least 2"):
+            attention_html(model, tok, "a text", max_length=bad)
