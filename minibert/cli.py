@@ -332,6 +332,14 @@ def plot_attention(path: str, probs, tokens: List[str], layer: int, head: Option
     plt.close(fig)
 
 
+def cmd_serve(args) -> int:
+    from .serve import run
+
+    run(args.model, args.host, args.port, args.max_batch_tokens, args.max_client_batch_size, args.auto_truncate,
+        args.api_key, args.dtype, args.kernels)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from . import BertModel, BertTokenizer
 
@@ -497,6 +505,25 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("texts", nargs="+", metavar="TEXT")
     _common(si, None, f"local directory or Hub repo id (default: {DEFAULT_MODEL})")
     si.set_defaults(func=cmd_similarity)
+
+    sv = sub.add_parser("serve", help="an embedding server: text-embeddings-inference's routes and OpenAI's /v1/embeddings",
+                        description="Serve sentence embeddings over HTTP (POST /embed, /v1/embeddings, /tokenize; "
+                                    "GET /health, /info, /metrics). Needs pip install 'minibert-numpy[serve]'.")
+    sv.add_argument("--model", default=None, metavar="NAME_OR_PATH", help=f"default: {DEFAULT_MODEL}")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_positive_int, default=8080)
+    sv.add_argument("--max-batch-tokens", type=_positive_int, default=16384, metavar="N",
+                    help="tokens per model call, requests merged up to it (default 16384)")
+    sv.add_argument("--max-client-batch-size", type=_positive_int, default=32, metavar="N",
+                    help="inputs per request (default 32)")
+    sv.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=False,
+                    help="truncate inputs longer than the model's limit instead of answering 413")
+    sv.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
+    sv.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    sv.add_argument("--kernels", choices=["numba", "numpy"], default="numba")
+    sv.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                    help="threads for the Numba kernels and the BLAS library together (default: all cores)")
+    sv.set_defaults(func=cmd_serve)
 
     ins = sub.add_parser("inspect", help="module tree, tokens, per-layer norms and attention entropies, attention maps",
                          description="Print the module tree with parameter counts and shapes, the tokens of TEXT, "

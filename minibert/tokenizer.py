@@ -225,6 +225,21 @@ class BertTokenizer:
             raise ValueError(f"tokenization failed: {e}") from None
         return np.array([len(e.ids) for e in encs], dtype=np.int64)
 
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> List[List[Dict]]:
+        """Per text, its tokens as ``{"id", "text", "special", "start", "stop"}`` (text-embeddings-
+        inference's /tokenize shape): ``text`` the characters ``start:stop`` of the input a word piece
+        came from; special tokens have their own text and no span. No truncation."""
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            _check_text(f"texts[{i}]", t, single=True)
+        encs = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        out = []
+        for text, e in zip(texts, encs):
+            out.append([{"id": int(i), "text": tok, "special": True, "start": None, "stop": None} if sp else
+                        {"id": int(i), "text": text[a:b], "special": False, "start": int(a), "stop": int(b)}
+                        for i, tok, (a, b), sp in zip(e.ids, e.tokens, e.offsets, e.special_tokens_mask)])
+        return out
+
     def _configured(self, trunc, max_length, pad, pad_to_multiple_of):
         """A copy of the backend with these truncation and padding settings, made once and never
         changed after: the settings live on the Rust tokenizer, so switching them on one shared

@@ -56,6 +56,17 @@ def test_viz_benchmark_measures_the_page_in_chromium(tmp_path):
     assert all(len(v) == 1 and v[0] >= 0 for v in data["times_ms"].values())
 
 
+def test_serve_benchmark_loads_a_real_server(tmp_path):
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--texts", "24", "--clients", "1,4",
+                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["offline_texts_per_s"] > 0 and data["rss_idle_mb"] > 0 and data["rss_peak_mb"] >= data["rss_idle_mb"]
+    assert [row["clients"] for row in data["rows"]] == [1, 4]
+    assert all(row["errors"] == 0 and row["texts_per_s"] > 0 and row["model_calls"] >= 1 for row in data["rows"])
+
+
 def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
     """The peer benchmark end to end on a small model with BERT's vocabulary: every engine it finds
     is checked against minibert first (maxdiff recorded), timed, and written to JSON and PNG; peers
@@ -155,7 +166,7 @@ def test_benchmarks_write_a_new_file_unless_told(tmp_path):
     from benchmarks.common import new_result
 
     assert re.fullmatch(r"benchmarks/results/model-\d{8}-\d{6}\.json", new_result("model"))
-    for name in ("model", "kernels", "footprint", "ab", "interventions", "viz"):
+    for name in ("model", "kernels", "footprint", "ab", "interventions", "viz", "serve"):
         src = (ROOT / "benchmarks" / f"{name}.py").read_text()
         assert re.search(r'"--output", default=None', src), name
         assert 'default="benchmarks/results/' not in src, name

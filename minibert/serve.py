@@ -1,0 +1,347 @@
+"""``minibert serve``: sentence embeddings over HTTP with text-embeddings-inference's routes and
+OpenAI's embeddings API (``pip install 'minibert-numpy[serve]'``: starlette, uvicorn,
+prometheus-client).
+
+Requests are tokenized (to count and check their tokens) in a thread pool, then queued for one
+inference thread that owns the cores: it merges waiting requests into one batch of up to
+``max_batch_tokens`` tokens and runs it packed (``SentenceEncoder.encode``), so concurrent small
+requests share a model call. JSON encoding also runs off the event loop. Errors are JSON
+``{"error": message, "error_type": kind}``; bad input is a 4xx, never a 500.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from . import pooling as P
+
+log = logging.getLogger("minibert.serve")
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "Validation"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class _Job:
+    __slots__ = ("texts", "tokens", "future")
+
+    def __init__(self, texts, tokens):
+        self.texts, self.tokens, self.future = texts, tokens, concurrent.futures.Future()
+
+
+class Engine:
+    """The inference thread: jobs queue up; each model call takes the waiting jobs in order while
+    their tokens fit in ``max_batch_tokens`` (at least one job)."""
+
+    def __init__(self, encoder, max_batch_tokens: int, on_batch=None):
+        self.encoder, self.max_batch_tokens, self.on_batch = encoder, max_batch_tokens, on_batch
+        self._jobs: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="minibert-inference", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):  # after the queued jobs are done
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+    def submit(self, texts: List[str], tokens: int) -> concurrent.futures.Future:
+        job = _Job(texts, tokens)
+        with self._cv:
+            if self._stop:
+                raise ClientError(503, "the server is shutting down", "Unhealthy")
+            self._jobs.append(job)
+            self._cv.notify()
+        return job.future
+
+    def _take(self):
+        with self._cv:
+            while not self._jobs and not self._stop:
+                self._cv.wait()
+            if not self._jobs:
+                return None
+            batch = [self._jobs.popleft()]
+            used = batch[0].tokens
+            while self._jobs and used + self._jobs[0].tokens <= self.max_batch_tokens:
+                job = self._jobs.popleft()
+                batch.append(job)
+                used += job.tokens
+            return batch
+
+    def _run(self):
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            texts = [t for j in live for t in j.texts]
+            t0 = time.perf_counter()
+            try:
+                vecs = self.encoder.encode(texts, batch_size=len(texts), normalize=False)  # [n, H] float32
+            except Exception as e:  # noqa: BLE001 - handed to the waiting requests, which answer 500
+                log.exception("a batch of %d texts failed", len(texts))
+                for j in live:
+                    j.future.set_exception(e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(texts), sum(j.tokens for j in live), time.perf_counter() - t0)
+            i = 0
+            for j in live:
+                j.future.set_result(vecs[i:i + len(j.texts)])
+                i += len(j.texts)
+
+
+class Metrics:
+    """Prometheus metrics of one server (their own registry)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("minibert_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("minibert_request_duration_seconds", "request latency", ["route"],
+                                 registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch_size = Histogram("minibert_batch_size", "texts per model call", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.batch_tokens = Histogram("minibert_batch_tokens", "tokens per model call", registry=self.registry,
+                                      buckets=(16, 64, 256, 1024, 4096, 16384, 65536))
+        self.tokens = Counter("minibert_tokens", "tokens embedded", registry=self.registry)
+        self.inference = Histogram("minibert_inference_seconds", "seconds per model call", registry=self.registry,
+                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
+    def batch(self, n_texts, n_tokens, seconds):
+        self.inference.observe(seconds)
+        self.batch_size.observe(n_texts)
+        self.batch_tokens.observe(n_tokens)
+        self.tokens.inc(n_tokens)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Server:
+    """The routes over one :class:`minibert.SentenceEncoder`."""
+
+    def __init__(self, encoder, model_id: str, max_batch_tokens: int = 16384, max_client_batch_size: int = 32,
+                 auto_truncate: bool = False, api_key: Optional[str] = None):
+        from . import __version__
+
+        self.encoder, self.model_id = encoder, model_id
+        self.max_batch_tokens, self.max_client_batch_size = max_batch_tokens, max_client_batch_size
+        self.auto_truncate, self.api_key, self.version = auto_truncate, api_key, __version__
+        self.metrics = Metrics()
+        self.engine = Engine(encoder, max_batch_tokens, self.metrics.batch)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def app(self):
+        from contextlib import asynccontextmanager
+
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        @asynccontextmanager
+        async def lifespan(app):
+            self.engine.start()
+            try:
+                yield
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+
+        routes = [Route("/embed", self._route("/embed", self.embed), methods=["POST"]),
+                  Route("/v1/embeddings", self._route("/v1/embeddings", self.openai), methods=["POST"]),
+                  Route("/tokenize", self._route("/tokenize", self.tokenize), methods=["POST"]),
+                  Route("/health", self._route("/health", self.health, auth=False), methods=["GET"]),
+                  Route("/info", self._route("/info", self.info), methods=["GET"]),
+                  Route("/metrics", self._route("/metrics", self.prometheus), methods=["GET"])]
+        async def not_found(request, exc):  # unknown routes and methods answer JSON too
+            from starlette.responses import JSONResponse
+
+            status = getattr(exc, "status_code", 404)
+            return JSONResponse({"error": f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}",
+                                 "error_type": "NotFound" if status == 404 else "MethodNotAllowed"}, status_code=status)
+
+        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+
+    def _route(self, name, handler, auth=True):
+        from starlette.responses import JSONResponse
+
+        async def endpoint(request):
+            t0 = time.perf_counter()
+            try:
+                if auth and self.api_key is not None:
+                    given = request.headers.get("authorization", "")
+                    if given != f"Bearer {self.api_key}":
+                        raise ClientError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                                          "Unauthorized")
+                response = await handler(request)
+            except ClientError as e:
+                response = JSONResponse({"error": str(e), "error_type": e.kind}, status_code=e.status)
+            except Exception as e:  # noqa: BLE001 - a failure of ours: logged, reported as such
+                log.exception("%s failed", name)
+                response = JSONResponse({"error": f"internal error: {type(e).__name__}: {e}", "error_type": "Backend"},
+                                        status_code=500)
+            self.metrics.requests.labels(name, str(response.status_code)).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            return response
+        return endpoint
+
+    @staticmethod
+    async def _body(request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ClientError(422, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ClientError(422, f"the request body must be a JSON object; got {type(body).__name__}")
+        return body
+
+    def _texts(self, value, field: str) -> List[str]:
+        if isinstance(value, str):
+            texts = [value]
+        elif isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+            texts = value
+        elif isinstance(value, list) and not value:
+            raise ClientError(422, f"'{field}' is an empty list; send at least one text")
+        else:
+            raise ClientError(422, f"'{field}' must be a string or a list of strings; got {_kind(value)}")
+        if len(texts) > self.max_client_batch_size:
+            raise ClientError(413, f"{len(texts)} inputs in one request; the limit is {self.max_client_batch_size} "
+                                   "(--max-client-batch-size)")
+        return texts
+
+    @staticmethod
+    def _flag(body, field, default) -> bool:
+        v = body.get(field, default)
+        if not isinstance(v, bool):
+            raise ClientError(422, f"'{field}' must be true or false; got {_kind(v)}")
+        return v
+
+    async def _vectors(self, texts: List[str], truncate: bool):
+        """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used."""
+        from starlette.concurrency import run_in_threadpool
+
+        limit = self.encoder.max_seq_length
+        lengths = await run_in_threadpool(self.encoder.tokenizer.lengths, texts)
+        if not truncate:
+            long = [(i, int(n)) for i, n in enumerate(lengths) if n > limit]
+            if long:
+                i, n = long[0]
+                raise ClientError(413, f"input {i} has {n} tokens; the limit is {limit}: send \"truncate\": true "
+                                       "or start the server with --auto-truncate")
+        tokens = int(np.minimum(lengths, limit).sum())
+        vecs = await asyncio.wrap_future(self.engine.submit(texts, tokens))
+        return vecs, tokens
+
+    @staticmethod
+    async def _json(payload, status=200):
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import Response
+
+        body = await run_in_threadpool(lambda: json.dumps(payload, separators=(",", ":")))
+        return Response(body, status_code=status, media_type="application/json")
+
+    # -- routes -----------------------------------------------------------------------------------
+    async def embed(self, request):
+        body = await self._body(request)
+        texts = self._texts(body.get("inputs"), "inputs")
+        normalize = self._flag(body, "normalize", True)
+        truncate = self._flag(body, "truncate", False) or self.auto_truncate
+        vecs, _ = await self._vectors(texts, truncate)
+        if normalize:
+            vecs = P.normalize(vecs)
+        return await self._json(vecs.tolist())
+
+    async def openai(self, request):
+        body = await self._body(request)
+        value = body.get("input")
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            raise ClientError(422, "'input' as token ids is not supported; send strings")
+        texts = self._texts(value, "input")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise ClientError(422, f"'encoding_format' must be 'float' or 'base64'; got {fmt!r}")
+        model = body.get("model", self.model_id)
+        if not isinstance(model, str):
+            raise ClientError(422, f"'model' must be a string; got {_kind(model)}")
+        vecs, tokens = await self._vectors(texts, self.auto_truncate)
+        if self.encoder.normalize:  # the checkpoint's own pipeline, as sentence-transformers
+            vecs = P.normalize(vecs)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64"
+                               else v.tolist())} for i, v in enumerate(vecs)]
+        return await self._json({"object": "list", "data": data, "model": self.model_id,
+                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def tokenize(self, request):
+        from starlette.concurrency import run_in_threadpool
+
+        body = await self._body(request)
+        texts = self._texts(body.get("inputs"), "inputs")
+        special = self._flag(body, "add_special_tokens", True)
+        return await self._json(await run_in_threadpool(self.encoder.tokenizer.token_spans, texts, special))
+
+    async def health(self, request):
+        from starlette.responses import Response
+
+        return Response(status_code=200)
+
+    async def info(self, request):
+        return await self._json({"model_id": self.model_id, "model_dtype": str(self.encoder.model.dtype),
+                                 "dimension": self.encoder.dim, "max_input_length": self.encoder.max_seq_length,
+                                 "max_batch_tokens": self.max_batch_tokens,
+                                 "max_client_batch_size": self.max_client_batch_size,
+                                 "auto_truncate": self.auto_truncate, "version": self.version,
+                                 "engine": "minibert"})
+
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4")
+
+
+def _kind(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def run(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, max_batch_tokens: int = 16384,
+        max_client_batch_size: int = 32, auto_truncate: bool = False, api_key: Optional[str] = None,
+        dtype: str = "float32", kernels: str = "numba"):
+    """Load the model, compile its kernels (a warm-up call), then serve until SIGINT/SIGTERM; in-flight
+    requests finish first."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("minibert serve needs starlette, uvicorn and prometheus-client: "
+                         "pip install 'minibert-numpy[serve]'") from None
+    from .hub import DEFAULT_MODEL
+    from .sentence import SentenceEncoder
+
+    t0 = time.perf_counter()
+    encoder = SentenceEncoder.from_pretrained(model, dtype=dtype, kernels=kernels)
+    encoder.encode(["warm up", "the kernels compile on first use"], normalize=False)
+    server = Server(encoder, model or DEFAULT_MODEL, max_batch_tokens, max_client_batch_size, auto_truncate, api_key)
+    log.info("model %s ready in %.2f s; serving on http://%s:%d", model or DEFAULT_MODEL, time.perf_counter() - t0,
+             host, port)
+    uvicorn.run(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
