@@ -3,8 +3,8 @@
     python -m benchmarks.serve [--texts 512] [--clients 1,4,16] [--output FILE]
 
 Offline: ``SentenceEncoder.encode`` of the texts (batch 32) in this process, texts/s. Then the
-server in its own process (2 threads, default limits); each client sends one text per request,
-back to back, until the texts are done: texts/s, p50 and p99 latency per concurrency, and the
+server in its own process (2 threads, default limits); each client sends one text per request on
+its own keep-alive connection, back to back, until the texts are done: texts/s, p50 and p99 latency per concurrency, and the
 server's resident memory idle (after its warm-up) and the peak under load (VmHWM).
 """
 from __future__ import annotations
@@ -32,15 +32,11 @@ def _rss_mb(pid: int, field: str) -> float:
     return float("nan")
 
 
-def _post(port, body):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        conn.request("POST", "/embed", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        r.read()
-        return r.status
-    finally:
-        conn.close()
+def _post(conn, body):
+    conn.request("POST", "/embed", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    return r.status
 
 
 def _model_time(port):  # (model calls, seconds in them) so far, from /metrics
@@ -56,15 +52,17 @@ def load(port, texts, clients):
     """Each client takes the next text and posts it alone; (wall seconds, latencies, errors)."""
     nxt, lock, lat, errors = [0], threading.Lock(), [], []
 
-    def client():
+    def client():  # one keep-alive connection per client, as an HTTP client library keeps
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         while True:
             with lock:
                 i = nxt[0]
                 nxt[0] += 1
             if i >= len(texts):
+                conn.close()
                 return
             t = time.perf_counter()
-            status = _post(port, {"inputs": texts[i]})
+            status = _post(conn, {"inputs": texts[i]})
             lat.append(time.perf_counter() - t)
             if status != 200:
                 errors.append(status)

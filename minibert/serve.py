@@ -152,6 +152,9 @@ class Server:
         self.auto_truncate, self.api_key, self.version = auto_truncate, api_key, __version__
         self.metrics = Metrics()
         self.engine = Engine(encoder, max_batch_tokens, self.metrics.batch)
+        # two threads for tokenizing and JSON: the cores belong to the model; more threads only
+        # add memory (a malloc arena each) and contention
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="minibert-http")
 
     # -- plumbing ---------------------------------------------------------------------------------
     def app(self):
@@ -240,10 +243,8 @@ class Server:
 
     async def _vectors(self, texts: List[str], truncate: bool):
         """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used."""
-        from starlette.concurrency import run_in_threadpool
-
         limit = self.encoder.max_seq_length
-        lengths = await run_in_threadpool(self.encoder.tokenizer.lengths, texts)
+        lengths = await self._off_loop(self.encoder.tokenizer.lengths, texts)
         if not truncate:
             long = [(i, int(n)) for i, n in enumerate(lengths) if n > limit]
             if long:
@@ -254,12 +255,13 @@ class Server:
         vecs = await asyncio.wrap_future(self.engine.submit(texts, tokens))
         return vecs, tokens
 
-    @staticmethod
-    async def _json(payload, status=200):
-        from starlette.concurrency import run_in_threadpool
+    async def _off_loop(self, fn, *args):  # CPU work of a request, off the event loop
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _json(self, payload, status=200):
         from starlette.responses import Response
 
-        body = await run_in_threadpool(lambda: json.dumps(payload, separators=(",", ":")))
+        body = await self._off_loop(lambda: json.dumps(payload, separators=(",", ":")))
         return Response(body, status_code=status, media_type="application/json")
 
     # -- routes -----------------------------------------------------------------------------------
@@ -295,12 +297,10 @@ class Server:
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def tokenize(self, request):
-        from starlette.concurrency import run_in_threadpool
-
         body = await self._body(request)
         texts = self._texts(body.get("inputs"), "inputs")
         special = self._flag(body, "add_special_tokens", True)
-        return await self._json(await run_in_threadpool(self.encoder.tokenizer.token_spans, texts, special))
+        return await self._json(await self._off_loop(self.encoder.tokenizer.token_spans, texts, special))
 
     async def health(self, request):
         from starlette.responses import Response
