@@ -223,7 +223,35 @@ def _encoder(args):
     return enc
 
 
+def cmd_embed_corpus(args) -> int:
+    from .corpus import embed
+
+    engine = args.engine or "local"
+    if engine == "local" and (args.workers or args.scheduler):
+        raise ValueError("--workers and --scheduler need --engine dask")
+    if args.texts:
+        raise ValueError("a corpus comes from --input (files), not TEXT arguments")
+    if not args.input or not args.output:
+        raise ValueError("--text-column embeds a corpus: give --input (a glob, a directory or files) and "
+                         "--output (a directory)")
+    if args.pooling is not None or args.normalize is not None:
+        raise ValueError("--pooling and --normalize: the corpus uses the checkpoint's own pipeline")
+    t0 = time.perf_counter()
+    outs = embed(args.input, args.output, text_column=args.text_column, id_column=args.id_column, engine=engine,
+                 workers=args.workers, scheduler=args.scheduler, batch_size=args.batch_size,
+                 model=args.model, overwrite=args.overwrite,
+                 progress=not args.no_progress)
+    log.info("%d output file(s) in %s (%.1f s)", len(outs), args.output, time.perf_counter() - t0)
+    return 0
+
+
 def cmd_embed(args) -> int:
+    if any(v is not None for v in (args.text_column, args.id_column, args.engine, args.workers, args.scheduler)) \
+            or args.overwrite:
+        if args.text_column is None:
+            raise ValueError("--id-column, --engine, --workers, --scheduler and --overwrite embed a corpus: "
+                             "give --text-column too")
+        return cmd_embed_corpus(args)
     if args.texts and args.input:
         raise ValueError("give TEXTs or --input FILE, not both")
     if not args.texts and not args.input:
@@ -498,6 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                     help="L2-normalize (default: as the checkpoint says)")
     em.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    co = em.add_argument_group("a corpus of Parquet / JSONL files (with --text-column): --input a glob, a "
+                               "directory or files, --output a directory; pip install 'minibert-numpy[dask]'")
+    co.add_argument("--text-column", default=None, metavar="NAME", help="the column holding the texts")
+    co.add_argument("--id-column", default=None, metavar="NAME", help="a column copied as the output's id "
+                                                                       "(default: the row number)")
+    co.add_argument("--engine", choices=["local", "dask"], default=None, help="this process (default) or Dask")
+    co.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                    help="--engine dask: start a local cluster of N worker processes (default 2)")
+    co.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT", help="--engine dask: join this cluster")
+    co.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
     em.set_defaults(func=cmd_embed)
 
     si = sub.add_parser("similarity", help="cosine similarity matrix of the TEXTs' sentence embeddings",
