@@ -67,6 +67,16 @@ def test_serve_benchmark_loads_a_real_server(tmp_path):
     assert all(row["errors"] == 0 and row["texts_per_s"] > 0 and row["model_calls"] >= 1 for row in data["rows"])
 
 
+def test_corpus_benchmark_times_local_and_dask(tmp_path):
+    out = tmp_path / "corpus.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.corpus", "--files", "2", "--rows", "4",
+                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"local 1 x 2", "LocalCluster 2 x 1", "LocalCluster 1 x 2"}
+    assert all(v["rows_per_s"] > 0 for v in data["runs"].values()) and data["parquet_write_us_per_row"] > 0
+
+
 def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
     """The peer benchmark end to end on a small model with BERT's vocabulary: every engine it finds
     is checked against minibert first (maxdiff recorded), timed, and written to JSON and PNG; peers
@@ -166,7 +176,7 @@ def test_benchmarks_write_a_new_file_unless_told(tmp_path):
     from benchmarks.common import new_result
 
     assert re.fullmatch(r"benchmarks/results/model-\d{8}-\d{6}\.json", new_result("model"))
-    for name in ("model", "kernels", "footprint", "ab", "interventions", "viz", "serve"):
+    for name in ("model", "kernels", "footprint", "ab", "interventions", "viz", "serve", "corpus"):
         src = (ROOT / "benchmarks" / f"{name}.py").read_text()
         assert re.search(r'"--output", default=None', src), name
         assert 'default="benchmarks/results/' not in src, name
