@@ -30,12 +30,17 @@ def test_kernel_benchmark_validates_times_and_writes_json(tmp_path):
         assert op in r.stdout
 
 
-def test_interventions_benchmark_times_patches_and_activation_patching(tmp_path):
-    out = tmp_path / "iv.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.interventions", "--shapes", "1x16", "--repeats", "1",
-                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run_benchmark(tmp_path, module, *args):
+    """``python -m benchmarks.<module> *args --output FILE``: its JSON, after a zero exit."""
+    out = tmp_path / f"{module}.json"
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--output", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_interventions_benchmark_times_patches_and_activation_patching(tmp_path):
+    data = run_benchmark(tmp_path, "interventions", "--shapes", "1x16", "--repeats", "1")
     assert data["machine"]["cpu"] and "cpu_flags" in data["machine"]
     assert len(data["patch_vs_capture"]) == 3 and all(row["capture_ms"] > 0 and row["patch_ms"] > 0
                                                        for row in data["patch_vs_capture"])
@@ -47,32 +52,20 @@ def test_viz_benchmark_measures_the_page_in_chromium(tmp_path):
     from conftest import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "small", vocab_size=30522, max_position_embeddings=64)
-    out = tmp_path / "viz.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.viz", "--model", str(ckpt), "--tokens", "16",
-                        "--repeats", "1", "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    data = json.loads(out.read_text())
+    data = run_benchmark(tmp_path, "viz", "--model", str(ckpt), "--tokens", "16", "--repeats", "1")
     assert data["tokens"] == 16 and data["layers"] == 2 and data["page_bytes"] > 0 and data["machine"]["cpu"]
     assert all(len(v) == 1 and v[0] >= 0 for v in data["times_ms"].values())
 
 
 def test_serve_benchmark_loads_a_real_server(tmp_path):
-    out = tmp_path / "serve.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--texts", "24", "--clients", "1,4",
-                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    data = json.loads(out.read_text())
+    data = run_benchmark(tmp_path, "serve", "--texts", "24", "--clients", "1,4")
     assert data["offline_texts_per_s"] > 0 and data["rss_idle_mb"] > 0 and data["rss_peak_mb"] >= data["rss_idle_mb"]
     assert [row["clients"] for row in data["rows"]] == [1, 4]
     assert all(row["errors"] == 0 and row["texts_per_s"] > 0 and row["model_calls"] >= 1 for row in data["rows"])
 
 
 def test_corpus_benchmark_times_local_and_dask(tmp_path):
-    out = tmp_path / "corpus.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.corpus", "--files", "2", "--rows", "4",
-                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    data = json.loads(out.read_text())
+    data = run_benchmark(tmp_path, "corpus", "--files", "2", "--rows", "4")
     assert set(data["runs"]) == {"local 1 x 2", "LocalCluster 2 x 1", "LocalCluster 1 x 2"}
     assert all(v["rows_per_s"] > 0 for v in data["runs"].values()) and data["parquet_write_us_per_row"] > 0
 
