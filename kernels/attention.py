@@ -16,7 +16,7 @@ Versions (docs/kernels.md has the measurements):
 - ``numba_tiled`` (default): numba_fused's plan with q·kᵀ register-blocked (4 rows × 4 head dims
   per sweep over the keys), the softmax's max and exp-and-sum as vector loops in LLVM IR
   (``fastmath.row_max``/``exp_sum``), P·V by gemm.py's tile kernel on V packed into 16-column
-  panels (no padding at head sizes 32 and 64). Every sum in an order the code fixes: no
+  panels (32 on AVX-512; no padding at head sizes 32 and 64). Every sum in an order the code fixes: no
   ``reassoc``, which would round differently in a compiling and a cache-loading process.
 """
 from __future__ import annotations
@@ -206,7 +206,7 @@ def _pack_v(qkv, lo, vo, dH, wp):  # V = qkv[lo:lo+L, vo:vo+dH] -> panels wp [P,
                 dst[c] = 0
 
 
-V_VECTORS = 2  # vectors of columns per V panel: 16 float32, a multiple of the head sizes 32 and 64
+V_VECTORS = 2  # vectors of columns per V panel: 16 float32 (32 on AVX-512), dividing head sizes 32 and 64
 _vtile4, _vtile3, _vtile2, _vtile1 = (_tile_kernel(r, V_VECTORS, False) for r in (4, 3, 2, 1))
 
 
@@ -245,7 +245,7 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
             add[:] = mask[b, :L]
         s = np.empty((4, L), dtype=qkv.dtype)  # scores, then probabilities, of 4 query rows
         inv = np.empty(4, dtype=qkv.dtype)
-        NR = V_VECTORS * VECTOR_BYTES // qkv.itemsize  # the V panels' width: 16 float32, 8 float64
+        NR = V_VECTORS * VECTOR_BYTES // qkv.itemsize  # the V panels' width: 16 float32 (32 on AVX-512)
         P = (dH + NR - 1) // NR
         wp = np.empty((P, L, NR), dtype=qkv.dtype)  # V in panels, for the tile kernel
         _pack_v(qkv, lo, 2 * H + h * dH, dH, wp)

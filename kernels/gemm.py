@@ -9,9 +9,10 @@ Versions (docs/kernels.md has the measurements):
 - ``numpy``: the reference, ``np.matmul(x, weight.T)`` (OpenBLAS).
 - ``numba_4x3``: 3 weight rows × 4 x rows of dot products in 12 registers, reading the weight in
   place: for a few rows, where BLAS spends as long repacking the weight as multiplying.
-- ``numba_packed``: the weight packed once into [in, 24]-column panels and an outer-product 4 × 3
-  vector micro-kernel in LLVM IR that prefetches the next panel: one long stream per panel,
-  the copy kept for read-only weights. Summation: k ascending in each lane, one FMA per step.
+- ``numba_packed``: the weight packed once into [in, 24]-column panels (48 on AVX-512 hosts) and an
+  outer-product 4 × 3 vector micro-kernel in LLVM IR that prefetches the next panel: one long
+  stream per panel, the copy kept for read-only weights. Summation: k ascending in each lane, one
+  FMA per step, so both widths give the same bits.
 """
 from __future__ import annotations
 
@@ -119,7 +120,16 @@ def _into(out, shape, dtype, kernel, *args):  # kernel(*args, y) into a C-contig
 
 
 # -- numba_packed ------------------------------------------------------------------------------------
-VECTOR_BYTES = 32  # one AVX2 register
+def _vector_bytes() -> int:
+    """64 (an AVX-512 register) when Numba compiles for a CPU with AVX-512F, else 32 (AVX2). Read
+    from the target Numba keys its on-disk cache on, so a cached kernel always has this width. The
+    results are the same bits at either width: each output is one FMA per k, k ascending."""
+    from numba.core.registry import cpu_target
+
+    return 64 if "+avx512f" in cpu_target.target_context.codegen().magic_tuple()[2].split(",") else 32
+
+
+VECTOR_BYTES = _vector_bytes()  # 32: 4 x 24-column tiles in 12 ymm registers; 64: 4 x 48 in 12 zmm
 PANEL_VECTORS = 3  # vectors of columns per panel: 4 rows x 3 vectors = 12 accumulators
 TILE_ROWS = 4
 

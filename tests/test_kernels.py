@@ -417,8 +417,10 @@ def test_gemm_packed_keeps_panels_of_read_only_weights_only():
     assert_close(G.gemm_numba_packed(x, w), x @ w.T, TOL["kernel_fp32"], "gemm/numba_packed after an edit")
     w.flags.writeable = False
     panels = G.packed(w)
-    assert G.packed(w) is panels and panels.shape == (2, 16, G.panel_width(np.float32))
-    assert (panels[1, :, 6:] == 0).all()  # columns past 30: zero padding
+    NR = G.panel_width(np.float32)  # 24, or 48 on AVX-512
+    P = -(-30 // NR)
+    assert G.packed(w) is panels and panels.shape == (P, 16, NR)
+    assert (panels[-1, :, 30 - (P - 1) * NR:] == 0).all()  # columns past 30: zero padding
     key = id(w)
     assert key in G._PACKED
     del w, panels
@@ -580,3 +582,41 @@ def test_prepared_dense_layers_equal_the_ops(dtype, N):
     y = D.prepare(frozen, b, ln=(lw, lb, 1e-12))(x, res)
     ref = D.dense_layernorm_numba_packed(x, frozen, b, res, lw, lb, 1e-12)
     assert np.array_equal(y, ref), f"LayerNorm: max abs difference {np.abs(y - ref).max():.3e}"
+
+
+def test_avx2_and_avx512_widths_give_the_same_bits(tmp_path, minilm_dir):
+    """The GEMM and P·V tiles are 8 float32 lanes wide for an AVX2 target and 16 for AVX-512; every
+    output is one FMA per k, k ascending, at either width. A process compiling for Haswell (AVX2,
+    its own Numba cache) gives this process's bits, on a padded batch of the real MiniLM."""
+    import subprocess
+    import sys
+
+    from minibert import BertModel
+    from minibert.kernels import gemm
+
+    script = (
+        "import sys, numpy as np\n"
+        "from minibert import BertModel\n"
+        "from minibert.kernels import gemm\n"
+        "x = np.load(sys.argv[2])\n"
+        "out = BertModel.from_pretrained(sys.argv[1])(x['ids'], x['mask']).last_hidden_state\n"
+        "np.save(sys.argv[3], out)\n"
+        "print(gemm.VECTOR_BYTES)\n")
+    ids = np.random.default_rng(5).integers(1000, 20000, size=(3, 40))
+    mask = np.ones_like(ids)
+    mask[1, 25:] = 0
+    np.savez(tmp_path / "x.npz", ids=ids, mask=mask)
+    from numba.core.registry import cpu_target
+
+    host = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    avx2 = ",".join("-" + f[1:] if f[1:].startswith(("avx512", "amx", "avx10", "evex512")) else f for f in host)
+    env = {**__import__("os").environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": avx2,
+           "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", script, str(minilm_dir), str(tmp_path / "x.npz"), str(tmp_path / "y.npy")],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "32", "a Haswell target should build the 8-lane tiles"
+    theirs = np.load(tmp_path / "y.npy")
+    ours = BertModel.from_pretrained(minilm_dir)(ids, mask).last_hidden_state
+    diff = float(np.abs(ours - theirs).max())
+    assert np.array_equal(ours, theirs), f"this process ({gemm.VECTOR_BYTES}-byte tiles) vs AVX2: max abs diff {diff:.3e}"
