@@ -13,11 +13,11 @@ The model runs the perturbed inputs batched, several variants in one call.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .interventions import _inputs, rows
+from .interventions import _inputs, calls, per_call, rows
 from .outputs import ModelOutput
 from .tokenizer import checkpoint_tokenizer
 
@@ -75,26 +75,23 @@ def value_zeroing(model, x, batch_size: int = 64) -> np.ndarray:
     padding tokens are 0. The paper then normalizes each row to sum 1; divide by
     ``C.sum(-1, keepdims=True)`` for that."""
     inputs, B, T, valid = _model_and_inputs(model, x)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    n_call = per_call(batch_size, B)
     L = model.config.num_hidden_layers
     outs = [f"encoder.layer.{l}.output" for l in range(L)]
     ref = model(**inputs, capture=outs).captures  # the same route as the zeroed runs (taps on)
+    ref = [ref[o].astype(np.float64) for o in outs]  # [B, T, H] per layer
+    ref_norm = [np.linalg.norm(r, axis=-1) for r in ref]  # [B, T]
     cells = [(l, j) for l in range(L) for j in range(T) if valid[:, j].any()]
-    per_call = max(1, batch_size // B)
     C = np.zeros((L, B, T, T))
-    for start in range(0, len(cells), per_call):
-        chunk = cells[start:start + per_call]
+    for _, chunk, batch in calls(cells, inputs, n_call):
         by_layer = {}
         for slot, (l, j) in enumerate(chunk):
             by_layer.setdefault(l, []).append((slot, j))
         patch = {f"encoder.layer.{l}.attention.self.value": _ZeroValue(cs, B) for l, cs in by_layer.items()}
-        batch = {k: np.concatenate([v] * len(chunk)) for k, v in inputs.items()}
         got = model(**batch, patch=patch, capture=sorted({outs[l] for l in by_layer})).captures
         for slot, (l, j) in enumerate(chunk):
             a = got[outs[l]][slot * B:(slot + 1) * B].astype(np.float64)  # [B, T, H]
-            b = ref[outs[l]].astype(np.float64)
-            cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-300)
+            cos = (a * ref[l]).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * ref_norm[l], 1e-300)
             C[l, :, :, j] = 1 - cos
     C *= (valid[:, :, None] & valid[:, None, :])[None]
     return C
@@ -127,8 +124,7 @@ def occlusion(model, x, metric: Callable[[ModelOutput], np.ndarray], replace_wit
     or an id). ``metric`` returns one number per sequence, shape [B]. Every valid position is
     occluded, special tokens included; padding positions get 0."""
     inputs, B, T, valid = _model_and_inputs(model, x)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    n_call = per_call(batch_size, B)
     V = model.config.vocab_size
     if isinstance(replace_with, str):
         tok = tokenizer if tokenizer is not None else checkpoint_tokenizer(getattr(model, "name_or_path", None))
@@ -146,11 +142,8 @@ def occlusion(model, x, metric: Callable[[ModelOutput], np.ndarray], replace_wit
         raise TypeError(f"replace_with must be a token string or an id; got {replace_with!r}")
     base = _per_sequence(metric, model(**inputs), B)
     positions = [t for t in range(T) if valid[:, t].any()]
-    per_call = max(1, batch_size // B)
     S = np.zeros((B, T))
-    for start in range(0, len(positions), per_call):
-        chunk = positions[start:start + per_call]
-        batch = {k: np.concatenate([v] * len(chunk)) for k, v in inputs.items()}
+    for _, chunk, batch in calls(positions, inputs, n_call):
         for slot, t in enumerate(chunk):
             batch["input_ids"][slot * B:(slot + 1) * B, t] = rid
         out = model(**batch)

@@ -161,7 +161,7 @@ class BertModel(Module):
         """The checked inputs through :func:`minibert.model.bert`: a plain dict of its outputs.
         ``skip_padding`` None: the model's ``skip_padding``."""
         c = self.config
-        tap = taps.select(capture, self.tap_names(), patch)
+        tap = taps.select(capture, self.tap_names(), patch) if capture is not None or patch is not None else None
         head_mask = check_head_mask(head_mask, c.num_hidden_layers, c.num_attention_heads, self.dtype)
         ids, mask, tt, pos, embeds = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids,
                                                     self.dtype, inputs_embeds)

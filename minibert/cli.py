@@ -442,13 +442,12 @@ def _int(s: str) -> int:
 
 def _int_list(s: str) -> list:
     try:
-        return [int(p) for p in s.split(",") if p.strip()] or _bad_list(s)
+        values = [int(p) for p in s.split(",") if p.strip()]
     except ValueError:
-        return _bad_list(s)
-
-
-def _bad_list(s):
-    raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,3,5; got {s!r}")
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,3,5; got {s!r}")
+    return values
 
 
 def _nonneg_int(s: str) -> int:

@@ -9,7 +9,7 @@ patching"), with the patched runs batched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence
 
 import numpy as np
 
@@ -161,6 +161,22 @@ def rows(out: ModelOutput, lo: int, hi: int) -> ModelOutput:
     return type(out)(**{f: cut(getattr(out, f)) for f in out._fields if f != "loss"})
 
 
+def per_call(batch_size, B: int) -> int:
+    """How many copies of a B-sequence input one model call takes: as many as fit in ``batch_size``
+    sequences, at least one."""
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    return max(1, int(batch_size) // B)
+
+
+def calls(cells: list, inputs: Dict[str, np.ndarray], n: int):
+    """``(start, chunk, batch)`` per model call: ``n`` cells at a time and the inputs repeated once
+    per cell (cell ``slot`` of the chunk is rows ``slot·B:(slot+1)·B`` of the batch)."""
+    for start in range(0, len(cells), n):
+        chunk = cells[start:start + n]
+        yield start, chunk, {k: np.concatenate([v] * len(chunk)) for k, v in inputs.items()}
+
+
 class _SetClean:
     """Rows of the batched call that get the clean value of one tap (at one position each, or all)."""
 
@@ -196,10 +212,9 @@ def activation_patching(model, clean, corrupted, metric: Callable[[ModelOutput],
     if set(c) != set(x) or any(c[k].shape != x[k].shape for k in c):
         raise ValueError("clean and corrupted must hold the same inputs of the same shapes; got "
                          f"{ {k: v.shape for k, v in c.items()} } and { {k: v.shape for k, v in x.items()} }")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-    names = [n for n in model.tap_names() if n in _select(taps, model.tap_names()).names]
     B, T = c["input_ids"].shape
+    n_call = per_call(batch_size, B)
+    names = [n for n in model.tap_names() if n in _select(taps, model.tap_names()).names]
     if per_position and "pooler.dense" in names:
         raise ValueError("pooler.dense has no position axis; leave it out of taps or use per_position=False")
     # both unpatched runs capture, so they take the patched runs' route (attention materialized),
@@ -207,21 +222,18 @@ def activation_patching(model, clean, corrupted, metric: Callable[[ModelOutput],
     clean_out = model(**c, capture=names)
     clean_values, clean_m = clean_out.captures, _metric(metric, clean_out)
     corrupted_m = _metric(metric, model(**x, capture=names))
-    calls = 2
+    made = 2
     cells = [(n, t) for n in names for t in (range(T) if per_position else [None])]
-    per_call = max(1, batch_size // B)
     values = np.empty(len(cells))
-    for start in range(0, len(cells), per_call):
-        chunk = cells[start:start + per_call]
+    for start, chunk, batch in calls(cells, x, n_call):
         by_tap: Dict[str, list] = {}
         for slot, (n, t) in enumerate(chunk):
             by_tap.setdefault(n, []).append((slot, t))
         patch = {n: _SetClean(clean_values[n], _position_axis(n), cs, B) for n, cs in by_tap.items()}
-        batch = {k: np.concatenate([v] * len(chunk)) for k, v in x.items()}
         out = model(**batch, patch=patch)
-        calls += 1
+        made += 1
         for slot in range(len(chunk)):
             values[start + slot] = _metric(metric, rows(out, slot * B, (slot + 1) * B))
     grid = values.reshape(len(names), T) if per_position else values
     return PatchingResult(grid=grid, taps=names, clean=clean_m, corrupted=corrupted_m,
-                          per_position=per_position, calls=calls)
+                          per_position=per_position, calls=made)

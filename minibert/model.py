@@ -106,11 +106,6 @@ def embeddings(input_ids, token_type_ids, position_ids, *, word_embeddings, posi
     return k["layernorm"](x, pos, LayerNorm["weight"], LayerNorm["bias"], eps)
 
 
-def split_heads(x, n_head):  # [B, T, H] -> [B, nH, T, dH]
-    B, T, H = x.shape
-    return x.reshape(B, T, n_head, H // n_head).transpose(0, 2, 1, 3)
-
-
 def fuse_qkv(query, key, value):  # -> (weight [3H, H], bias [3H]) as one array each
     """Concatenate Q, K and V once so they run as one GEMM; the caller then points query, key and
     value at row blocks of the result, so the weights stay in memory once."""
@@ -187,14 +182,14 @@ def attention(qkv, batch: Batch, n_head, k, keep_probs=False, tap=None, name="",
     if tap:
         q, kk, v = (tap(f"{name}.{n}", x) for n, x in (("query", q), ("key", kk), ("value", v)))
     scores = q @ kk.transpose(0, 1, 3, 2)  # [B, nH, T, T]
+    if tap and tap.wants(name + ".scores"):  # the one intermediate the softmax kernels never form
+        scaled = scores * scores.dtype.type(scale)
+        if batch.mask is not None:
+            scaled += batch.mask[:, None, None, :]
+        scaled = tap(name + ".scores", scaled)
     if tap and tap.patched(name + ".scores"):  # the softmax runs on the patched scores as given
-        full = scores * scores.dtype.type(scale) if batch.mask is None else scores * scores.dtype.type(scale) + \
-            batch.mask[:, None, None, :]
-        probs = k["masked_softmax"](tap(name + ".scores", full), None, 1.0)
+        probs = k["masked_softmax"](scaled, None, 1.0, out=scaled)
     else:
-        if tap and tap.wants(name + ".scores"):  # captured only: the kernels never materialize it
-            tap(name + ".scores", scores * scores.dtype.type(scale) if batch.mask is None else
-                scores * scores.dtype.type(scale) + batch.mask[:, None, None, :])
         probs = k["masked_softmax"](scores, batch.mask, scale, out=scores)  # softmax(scores·scale + mask), in place
     if head_mask is not None:  # [nH]: transformers 4's head_mask, on the probabilities
         probs *= head_mask[None, :, None, None]
