@@ -1,15 +1,18 @@
-"""The README's Python examples run as written (in one namespace, in order), so they cannot drift.
+"""The README's Python examples, then docs/interpretability.md's, run as written (in one namespace,
+in order), so they cannot drift.
 Blocks that name a checkpoint only the Hub has (google-bert/...) are skipped: no network here."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "docs" / "interpretability.md"]
 
 
 def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    return [(f"{doc.name} python block {i}", code) for doc in DOCS
+            for i, code in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S))]
 
 
 def test_the_readme_examples_run(minilm_dir, capsys):
@@ -17,11 +20,11 @@ def test_the_readme_examples_run(minilm_dir, capsys):
     assert len(blocks) >= 3, "the README lost its examples"
     ran = 0
     ns: dict = {}
-    for i, code in enumerate(blocks):
+    for where, code in blocks:
         if "google-bert/" in code:
             continue
-        exec(compile(code, f"README.md python block {i}", "exec"), ns)
+        exec(compile(code, where, "exec"), ns)
         ran += 1
-    assert ran >= 3
+    assert ran >= 5
     assert "out" in ns and ns["out"].last_hidden_state.ndim == 3
     assert ns["emb"].shape == (2, 384)
