@@ -1,10 +1,12 @@
 """minibert against another checkout of itself, and with torch imported in the same process.
 
     python -m benchmarks.ab --baseline DIR [--model base|minilm|all] [--shapes 1x16,...] [--repeats 15]
-                            [--threads 2] [--gap 0.3] [--output FILE]
+                            [--processes 3] [--threads 2] [--gap 0.3] [--output FILE]
 
 Settings, each in a process of its own, timed interleaved (round r runs every setting once, in a
-rotating order, ``--gap`` seconds of idle before each call): "new" (this checkout), "new + torch"
+rotating order, ``--gap`` seconds of idle before each call). The repeats are split over
+``--processes`` fresh processes per setting: one process's memory layout alone moved MiniLM (1, 16)
+by up to 20 %, so a single pair of processes can show a difference that is not in the code: "new" (this checkout), "new + torch"
 (``import torch`` before minibert, as in a notebook that compares with transformers), and, with
 ``--baseline``, "baseline" and "baseline + torch" (DIR is a checkout of another commit, e.g.
 ``git worktree add /tmp/base COMMIT``). The shapes and inputs are benchmarks.model's. Every setting
@@ -84,6 +86,7 @@ def main(argv=None):
     p.add_argument("--model", choices=["base", "minilm", "all"], default="all")
     p.add_argument("--shapes", default="1x16,1x128,8x128,1x512,mixed")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--processes", type=int, default=3, help="fresh processes per setting, taking turns")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gap", type=float, default=0.3, help="seconds of idle before each timed call")
     p.add_argument("--no-torch", action="store_true", help="leave out the settings with torch imported")
@@ -100,42 +103,56 @@ def main(argv=None):
         trees["baseline"] = package_tree(a.baseline.resolve())
     host = machine()
     print(f"host: {host['cpu']}, {' '.join(host['cpu_flags'])}; threads {a.threads}", file=sys.stderr)
+    if a.processes < 1 or a.repeats < a.processes:
+        p.error(f"--processes {a.processes}: expected 1 to --repeats ({a.repeats})")
     rows = []
     for name in (["base", "minilm"] if a.model == "all" else [a.model]):
         from minibert import BertConfig
 
         path = model_dir(name)
         cfg = BertConfig.from_json_file(path / "config.json")
-        settings = {}
-        for label, tree in trees.items():
-            for torch_too in ((False,) if a.no_torch else (False, True)):
-                key = label + (" + torch" if torch_too else "")
-                settings[key] = Setting(key, tree, torch_too, path, a.threads)
-                print(f"  {name}: {key} from {settings[key].source}", file=sys.stderr)
-        for shape, ids, mask, tt in batches(cfg, minilm_dir(), shapes):
-            arrays, valid = (ids, mask, tt), mask == 1
-            ref = settings["new"].call("run", arrays)
-            times = {}
-            for key, s in settings.items():
-                diff = float(np.abs(s.call("run", arrays)[valid] - ref[valid]).max())
-                s.call("time", arrays)
-                times[key] = (diff, [])
-            keys = list(settings)
-            for r in range(a.repeats):
-                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                    time.sleep(a.gap)
-                    times[key][1].append(settings[key].call("time", arrays))
-            new = statistics.median(times["new"][1])
-            for key, (diff, t) in times.items():
+        keys = [label + (" + torch" if torch_too else "") for label in trees
+                for torch_too in ((False,) if a.no_torch else (False, True))]
+        shapes_here = list(batches(cfg, minilm_dir(), shapes))
+        times = {(shape, key): [] for shape, *_ in shapes_here for key in keys}
+        per_process = {k: [] for k in times}
+        diffs = {}
+        for gen in range(a.processes):
+            rounds = a.repeats // a.processes + (gen < a.repeats % a.processes)
+            settings = {key: Setting(key, trees[key.split(" + ")[0]], key.endswith("torch"), path, a.threads)
+                        for key in keys}
+            if gen == 0:
+                for key, s in settings.items():
+                    print(f"  {name}: {key} from {s.source}", file=sys.stderr)
+            for shape, ids, mask, tt in shapes_here:
+                arrays, valid = (ids, mask, tt), mask == 1
+                if gen == 0:
+                    ref = settings["new"].call("run", arrays)
+                    for key, s in settings.items():
+                        diffs[shape, key] = float(np.abs(s.call("run", arrays)[valid] - ref[valid]).max())
+                for s in settings.values():
+                    s.call("time", arrays)
+                got = {key: [] for key in keys}
+                for r in range(rounds):
+                    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                        time.sleep(a.gap)
+                        got[key].append(settings[key].call("time", arrays))
+                for key, t in got.items():
+                    times[shape, key] += t
+                    per_process[shape, key].append(statistics.median(t) * 1e3)
+            for s in settings.values():
+                s.close()
+        for shape, *_ in shapes_here:
+            new = statistics.median(times[shape, "new"])
+            for key in keys:
+                t, procs = times[shape, key], per_process[shape, key]
                 med = statistics.median(t)
                 rows.append(dict(model=name, shape=shape, setting=key, median_ms=med * 1e3, ratio_to_new=med / new,
-                                 maxdiff_vs_new=diff, times_s=t))
+                                 maxdiff_vs_new=diffs[shape, key], process_medians_ms=procs, times_s=t))
                 print(f"{name:7s} {shape:28s} {key:18s} {med * 1e3:9.2f} ms  x{med / new:5.3f}  "
-                      f"maxdiff {diff:.1e}", flush=True)
-        for s in settings.values():
-            s.close()
+                      f"maxdiff {diffs[shape, key]:.1e}  per process {min(procs):.2f}-{max(procs):.2f} ms", flush=True)
     out = a.output or new_result("ab")
-    write_json(out, dict(machine=host, threads=a.threads, repeats=a.repeats, gap_s=a.gap,
+    write_json(out, dict(machine=host, threads=a.threads, repeats=a.repeats, processes=a.processes, gap_s=a.gap,
                          baseline=str(a.baseline) if a.baseline else None, rows=rows))
     print(f"wrote {out}", file=sys.stderr)
 
