@@ -206,13 +206,15 @@ class SentenceEncoder:
         for s in starts:
             idx = order[s:s + batch_size]
             x = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_seq_length)
-            # packed (skip_padding): the pooling below never reads padding positions
-            h = self.model.run(**x, skip_padding=True)["last_hidden_state"]  # [b, T, H]
-            v = np.concatenate([pool(m, h, x["attention_mask"]) for m in modes], axis=-1)  # [b, dim]
-            if norm:
-                v = P.normalize(v)
-            result[idx] = v
+            result[idx] = self._pooled(x, modes, norm)
         return result[0] if single else result
+
+    def _pooled(self, x, modes, norm) -> np.ndarray:
+        """A tokenized batch (``input_ids``, ``token_type_ids``, ``attention_mask`` [b, T]) -> [b, dim]."""
+        # packed (skip_padding): the pooling below never reads padding positions
+        h = self.model.run(**x, skip_padding=True)["last_hidden_state"]  # [b, T, H]
+        v = np.concatenate([pool(m, h, x["attention_mask"]) for m in modes], axis=-1)  # [b, dim]
+        return P.normalize(v) if norm else v
 
     def _lengths(self, texts: List[str], chunk: int = 4096) -> np.ndarray:
         """Each text's length in tokens before truncation (tokenized in chunks to bound memory)."""

@@ -2,10 +2,10 @@
 OpenAI's embeddings API (``pip install 'minibert-numpy[serve]'``: starlette, uvicorn,
 prometheus-client).
 
-Requests are tokenized (to count and check their tokens) in a thread pool, then queued for one
-inference thread that owns the cores: it merges waiting requests into one batch of up to
-``max_batch_tokens`` tokens and runs it packed (``SentenceEncoder.encode``), so concurrent small
-requests share a model call. JSON encoding also runs off the event loop. Errors are JSON
+Requests are tokenized (once: to check their length, count their tokens and run) in a thread pool,
+then queued for one inference thread that owns the cores: it merges waiting requests into one batch
+of up to ``max_batch_tokens`` tokens and runs it packed, as ``SentenceEncoder.encode`` does, so
+concurrent small requests share a model call. JSON encoding also runs off the event loop. Errors are JSON
 ``{"error": message, "error_type": kind}``; bad input is a 4xx, never a 500.
 """
 from __future__ import annotations
@@ -34,10 +34,25 @@ class ClientError(Exception):
 
 
 class _Job:
-    __slots__ = ("texts", "tokens", "future")
+    __slots__ = ("x", "tokens", "future")
 
-    def __init__(self, texts, tokens):
-        self.texts, self.tokens, self.future = texts, tokens, concurrent.futures.Future()
+    def __init__(self, x, tokens):  # x: the request's tokenized texts, [b, T] arrays
+        self.x, self.tokens, self.future = x, tokens, concurrent.futures.Future()
+
+
+def _merge(xs, pad_id: int) -> dict:
+    """The jobs' [b_i, T_i] arrays as one [sum b_i, max T_i] batch, padded on the right."""
+    if len(xs) == 1:
+        return xs[0]
+    T, n = max(x["input_ids"].shape[1] for x in xs), sum(len(x["input_ids"]) for x in xs)
+    out = {k: np.full((n, T), pad_id if k == "input_ids" else 0, dtype=np.int64) for k in xs[0]}
+    i = 0
+    for x in xs:
+        b, t = x["input_ids"].shape
+        for k, v in x.items():
+            out[k][i:i + b, :t] = v
+        i += b
+    return out
 
 
 class Engine:
@@ -60,8 +75,8 @@ class Engine:
             self._cv.notify()
         self._thread.join()
 
-    def submit(self, texts: List[str], tokens: int) -> concurrent.futures.Future:
-        job = _Job(texts, tokens)
+    def submit(self, x, tokens: int) -> concurrent.futures.Future:
+        job = _Job(x, tokens)
         with self._cv:
             if self._stop:
                 raise ClientError(503, "the server is shutting down", "Unhealthy")
@@ -91,21 +106,23 @@ class Engine:
             live = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if not live:
                 continue
-            texts = [t for j in live for t in j.texts]
+            x = _merge([j.x for j in live], self.encoder.tokenizer.pad_token_id)
+            n = len(x["input_ids"])
             t0 = time.perf_counter()
             try:
-                vecs = self.encoder.encode(texts, batch_size=len(texts), normalize=False)  # [n, H] float32
+                vecs = self.encoder._pooled(x, self.encoder.pooling, False)  # [n, H] float32
             except Exception as e:  # noqa: BLE001 - handed to the waiting requests, which answer 500
-                log.exception("a batch of %d texts failed", len(texts))
+                log.exception("a batch of %d texts failed", n)
                 for j in live:
                     j.future.set_exception(e)
                 continue
             if self.on_batch is not None:
-                self.on_batch(len(texts), sum(j.tokens for j in live), time.perf_counter() - t0)
+                self.on_batch(n, sum(j.tokens for j in live), time.perf_counter() - t0)
             i = 0
             for j in live:
-                j.future.set_result(vecs[i:i + len(j.texts)])
-                i += len(j.texts)
+                b = len(j.x["input_ids"])
+                j.future.set_result(vecs[i:i + b])
+                i += b
 
 
 class Metrics:
@@ -243,17 +260,22 @@ class Server:
 
     async def _vectors(self, texts: List[str], truncate: bool):
         """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used."""
-        limit = self.encoder.max_seq_length
-        lengths = await self._off_loop(self.encoder.tokenizer.lengths, texts)
+        x, tokens = await self._off_loop(self._tokenized, texts, truncate)
+        return await asyncio.wrap_future(self.engine.submit(x, tokens)), tokens
+
+    def _tokenized(self, texts: List[str], truncate: bool):
+        """The texts as the model's [n, T] inputs, truncated to the model's limit, and their tokens;
+        without ``truncate`` a text over the limit is a 413."""
+        tok, limit = self.encoder.tokenizer, self.encoder.max_seq_length
+        x = tok(texts, padding=True, truncation=True, max_length=limit)
+        lengths = x["attention_mask"].sum(axis=1)
         if not truncate:
-            long = [(i, int(n)) for i, n in enumerate(lengths) if n > limit]
-            if long:
-                i, n = long[0]
-                raise ClientError(413, f"input {i} has {n} tokens; the limit is {limit}: send \"truncate\": true "
-                                       "or start the server with --auto-truncate")
-        tokens = int(np.minimum(lengths, limit).sum())
-        vecs = await asyncio.wrap_future(self.engine.submit(texts, tokens))
-        return vecs, tokens
+            full = np.flatnonzero(lengths == limit).tolist()  # at the limit: maybe cut, count again
+            for i, n in zip(full, tok.lengths([texts[i] for i in full]) if full else ()):
+                if n > limit:
+                    raise ClientError(413, f"input {i} has {n} tokens; the limit is {limit}: send \"truncate\": true "
+                                           "or start the server with --auto-truncate")
+        return x, int(lengths.sum())
 
     async def _off_loop(self, fn, *args):  # CPU work of a request, off the event loop
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

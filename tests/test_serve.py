@@ -150,6 +150,15 @@ def test_errors_are_json_with_the_limit(server, path, body, raw, status, phrase)
     assert payload["error_type"]
 
 
+def test_the_limit_itself_passes_one_more_token_is_413(server, encoder):
+    at, over = "word " * 254, "word " * 255  # 256 and 257 tokens with [CLS] and [SEP]
+    assert list(encoder.tokenizer.lengths([at, over])) == [256, 257]
+    status, got = server.request("POST", "/embed", {"inputs": ["hi", at]})
+    assert status == 200 and cos(got[1], encoder.encode(at)) >= COSINE
+    status, payload = server.request("POST", "/embed", {"inputs": [at, "hi", over]})
+    assert status == 413 and "input 2 has 257 tokens; the limit is 256" in payload["error"], payload
+
+
 def test_truncate_on_request_and_get_on_a_post_route(server, encoder):
     long = "word " * 300
     status, got = server.request("POST", "/embed", {"inputs": long, "truncate": True})
