@@ -10,8 +10,9 @@ Versions (docs/kernels.md has the measurements):
 - ``numba_4x3``: 3 weight rows × 4 x rows of dot products in 12 registers, reading the weight in
   place: for a few rows, where BLAS spends as long repacking the weight as multiplying.
 - ``numba_packed``: the weight packed once into [in, 24]-column panels (48 on AVX-512 hosts) and an
-  outer-product 4 × 3 vector micro-kernel in LLVM IR that prefetches the next panel: one long
-  stream per panel, the copy kept for read-only weights. Summation: k ascending in each lane, one
+  outer-product 4 × 3 vector micro-kernel (8 × 3 on AVX-512, whose 32 registers hold 24
+  accumulators) in LLVM IR that prefetches the next panel: one long stream per panel, the copy
+  kept for read-only weights. Summation: k ascending in each lane, one
   FMA per step, so both widths give the same bits.
 """
 from __future__ import annotations
@@ -130,8 +131,10 @@ def _vector_bytes() -> int:
 
 
 VECTOR_BYTES = _vector_bytes()  # 32: 4 x 24-column tiles in 12 ymm registers; 64: 4 x 48 in 12 zmm
-PANEL_VECTORS = 3  # vectors of columns per panel: 4 rows x 3 vectors = 12 accumulators
-TILE_ROWS = 4
+PANEL_VECTORS = 3  # vectors of columns per panel
+# rows per tile: 4 x 3 = 12 accumulators of AVX2's 16 registers; 8 x 3 = 24 of AVX-512's 32, which
+# halves the panel loads per FMA
+TILE_ROWS = 8 if VECTOR_BYTES == 64 else 4
 
 
 def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True):
@@ -199,7 +202,7 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True):
     return tile
 
 
-_tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r) for r in (4, 3, 2, 1))
+_tile8, _tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r) for r in (8, 4, 3, 2, 1))
 
 
 @njit(inline="always")
@@ -208,18 +211,24 @@ def _tiles(x, i0, i1, wp, p, out, c, q):
     # panel q (the thread's next), each tile its share of the panel's [K, NR] columns
     K, NR = wp.shape[1], wp.shape[2]
     share = -(-NR // -(-(i1 - i0) // TILE_ROWS))  # columns of panel q per tile
-    M4 = i1 - (i1 - i0) % TILE_ROWS
-    for i in range(i0, M4, TILE_ROWS):
+    full = i1 - (i1 - i0) % TILE_ROWS
+    for i in range(i0, full, TILE_ROWS):
         pf, pfs = _ahead(q, K, NR, share, (i - i0) // TILE_ROWS)
+        if TILE_ROWS == 8:
+            _tile8(x, i, wp, p, out, c, pf, pfs)
+        else:
+            _tile4(x, i, wp, p, out, c, pf, pfs)
+    pf, pfs = _ahead(q, K, NR, share, (full - i0) // TILE_ROWS)
+    i, rest = full, i1 - full
+    if rest >= 4:  # (8-row tiles only)
         _tile4(x, i, wp, p, out, c, pf, pfs)
-    pf, pfs = _ahead(q, K, NR, share, (M4 - i0) // TILE_ROWS)
-    rest = i1 - M4
+        i, rest = i + 4, rest - 4
     if rest == 3:
-        _tile3(x, M4, wp, p, out, c, pf, pfs)
+        _tile3(x, i, wp, p, out, c, pf, pfs)
     elif rest == 2:
-        _tile2(x, M4, wp, p, out, c, pf, pfs)
+        _tile2(x, i, wp, p, out, c, pf, pfs)
     elif rest == 1:
-        _tile1(x, M4, wp, p, out, c, pf, pfs)
+        _tile1(x, i, wp, p, out, c, pf, pfs)
 
 
 @njit(inline="always")
