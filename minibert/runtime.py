@@ -221,28 +221,16 @@ def _omp_layer() -> bool:
         return False
 
 
-_record_tids = None  # the kernel of _team_tids, compiled at first use
-
-
 def _team_tids(n: int) -> Optional[List[int]]:
     """The Linux thread ids of the calling thread's team of ``n`` (index 0: the caller), or None."""
-    global _record_tids
     import numpy as np
 
-    if _record_tids is None:
-        from numba import get_thread_id, njit, prange
+    if not hasattr(ctypes.CDLL(None), "gettid"):  # glibc before 2.30, or not glibc
+        return None
+    from ._tids import record
 
-        gettid = ctypes.CDLL(None).gettid  # glibc 2.30+
-        gettid.argtypes, gettid.restype = [], ctypes.c_int
-
-        @njit(parallel=True)
-        def record(out):
-            for _ in prange(out.shape[0]):
-                out[get_thread_id()] = gettid()
-
-        _record_tids = record
     out = np.zeros(n, dtype=np.int64)
-    _record_tids(out)
+    record(out)
     tids = [int(t) for t in out]
     if tids[0] != threading.get_native_id() or 0 in tids or len(set(tids)) != n:
         return None  # some thread ran no iteration: leave the team as it is
