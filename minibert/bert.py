@@ -9,7 +9,7 @@ import numpy as np
 
 from . import model as F
 from . import runtime, taps
-from .config import BertConfig
+from .config import ACTIVATIONS, BertConfig
 from .hub import resolve_model_dir
 from .inputs import check_head_mask, prepare_inputs
 from .kernels import select
@@ -166,10 +166,17 @@ class BertModel(Module):
         ids, mask, tt, pos, embeds = prepare_inputs(c, input_ids, attention_mask, token_type_ids, position_ids,
                                                     self.dtype, inputs_embeds)
         pooler = self.pooler
+        k, layers, pooler_dense = self._k, [layer.dense for layer in self.encoder.layer], \
+            None if pooler is None else pooler._pooler_dense
+        if self.kernels == "numba" and not runtime.kernels_ready(self.dtype):  # first use: see runtime
+            k = select("numpy")
+            act = ACTIVATIONS[c.hidden_act]
+            layers = [F.layer_dense(layer._params, act, c.layer_norm_eps, k) for layer in self.encoder.layer]
+            pooler_dense = None if pooler is None else F.dense(k, pooler.dense.weight, pooler.dense.bias)
         with runtime.running():
             out = F.bert(
-                self._params, [layer.dense for layer in self.encoder.layer], None if pooler is None else pooler._pooler_dense,
-                ids, mask, tt, pos, n_head=c.num_attention_heads, eps=c.layer_norm_eps, k=self._k,
+                self._params, layers, pooler_dense,
+                ids, mask, tt, pos, n_head=c.num_attention_heads, eps=c.layer_norm_eps, k=k,
                 output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
                 output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
                 tap=tap, skip_padding=self.skip_padding if skip_padding is None else bool(skip_padding),

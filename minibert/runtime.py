@@ -55,7 +55,7 @@ def configure() -> None:
         numba = sys.modules.get("numba")
         if numba is not None:  # imported before minibert: its config has read the environment already
             numba.config.THREADING_LAYER_PRIORITY = LAYER_PRIORITY.split()
-    for name in ("MINIBERT_KEEP_FREED_MEMORY", "MINIBERT_PIN_THREADS"):
+    for name in ("MINIBERT_KEEP_FREED_MEMORY", "MINIBERT_PIN_THREADS", "MINIBERT_BACKGROUND_COMPILE"):
         switch(name)  # a mistyped value fails at import, not in the first call
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -357,3 +357,57 @@ def _mallopt() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM))
+
+
+# -- first use: the kernels compile in another process -------------------------------------------
+# Compiling the default kernels takes ~11 s, once per machine (Numba caches them on disk). On a cold
+# cache a pass runs the NumPy kernels instead (within the parity tolerance, not the same bits; said
+# once on stderr) while a detached `python -m minibert.warmup DTYPE` compiles them into the cache
+# and leaves a marker there; the first pass after the marker appears loads them.
+_ready: Dict[str, bool] = {}  # dtype -> the compiled kernels are in the cache (or compile here)
+
+
+def kernels_ready(dtype) -> bool:
+    """Whether a pass in ``dtype`` runs the default (Numba) kernels now: True once they are in
+    Numba's cache, or always with ``MINIBERT_BACKGROUND_COMPILE=0``. On the first False, starts
+    the warm-up process and says so on stderr."""
+    import numpy as np
+
+    name = np.dtype(dtype).name
+    if _ready.get(name):
+        return True
+    marker = ready_marker(name) if switch("MINIBERT_BACKGROUND_COMPILE") else None
+    if marker is None or os.path.exists(marker):
+        _ready[name] = True
+        return True
+    if name not in _ready:
+        _ready[name] = False
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-m", "minibert.warmup", name], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        print(f"minibert: compiling the {name} kernels for this machine in the background (once, about 15 s); "
+              "until they are ready, passes run the NumPy kernels: the same results within 1e-4, not the "
+              "same bits (MINIBERT_BACKGROUND_COMPILE=0 compiles them in this process instead)", file=sys.stderr)
+    return False
+
+
+def ready_marker(dtype: str) -> Optional[str]:
+    """The file the warm-up leaves beside the kernels' Numba cache once ``dtype``'s are compiled,
+    named for what the cache is keyed on (Numba's version, the CPU target, the kernels' sources);
+    None if Numba does not say where its cache is (then kernels compile in the process, as usual)."""
+    try:
+        import hashlib
+
+        import numba
+        from numba.core.registry import cpu_target
+
+        from .kernels import gemm
+
+        folder = gemm._gemm_packed._cache._cache_path
+        sources = sorted(os.scandir(os.path.dirname(gemm.__file__)), key=lambda e: e.name)
+        stamp = [(e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in sources if e.name.endswith(".py")]
+        key = repr((numba.__version__, cpu_target.target_context.codegen().magic_tuple(), dtype, stamp))
+        return os.path.join(folder, f"minibert-ready-{dtype}-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
+    except Exception:  # noqa: BLE001 - Numba internals moved: fall back to compiling in the process
+        return None

@@ -312,6 +312,39 @@ def test_the_same_bits_when_kernels_compile_and_when_they_load_from_the_cache(ti
     assert not diffs, f"outputs differ between a compiling and a cache-loading process: {diffs}"
 
 
+def test_first_use_runs_the_numpy_kernels_while_the_cache_warms(minilm_dir, tmp_path):
+    """On an empty Numba cache a pass runs the NumPy kernels (said on stderr, within the parity
+    tolerance) while a detached warm-up compiles the default ones; once its marker is there, a new
+    process runs them without a word and gets this process's bits."""
+    import time
+
+    from conftest import TOL
+
+    code = f"""
+        import os, numpy as np, minibert
+        model = minibert.BertModel.from_pretrained({str(minilm_dir)!r})
+        x = model([[101, 7592, 2088, 102], [101, 2054, 102, 0]], attention_mask=[[1, 1, 1, 1], [1, 1, 1, 0]])
+        np.save(os.path.join({str(tmp_path)!r}, os.environ["RUN"] + ".npy"), x.last_hidden_state)
+    """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "MINIBERT_BACKGROUND_COMPILE": "1"}
+    rc, _, err = _python(code, env={**env, "RUN": "cold"}, timeout=120)
+    assert rc == 0, err[-3000:]
+    assert "compiling the float32 kernels for this machine in the background" in err, err[-3000:]
+    deadline = time.monotonic() + 300
+    while not [p for p in (tmp_path / "cache").rglob("minibert-ready-float32-*") if p.suffix != ".lock"]:
+        assert time.monotonic() < deadline, "the warm-up left no marker in 300 s"
+        time.sleep(1)
+    rc, _, err = _python(code, env={**env, "RUN": "warm"}, timeout=120)
+    assert rc == 0 and "minibert:" not in err, err[-3000:]
+    model = minibert.BertModel.from_pretrained(str(minilm_dir))
+    here = model([[101, 7592, 2088, 102], [101, 2054, 102, 0]], attention_mask=[[1, 1, 1, 1], [1, 1, 1, 0]])
+    cold, warm = np.load(tmp_path / "cold.npy"), np.load(tmp_path / "warm.npy")
+    assert np.array_equal(warm, here.last_hidden_state), "the cached kernels gave other bits than this process"
+    diff = float(np.abs(cold - warm).max())
+    assert diff <= TOL["fp32"], f"NumPy kernels vs the compiled ones: max abs diff {diff:.3e}"
+    assert not np.array_equal(cold, warm), "the cold process ran the compiled kernels after all"
+
+
 # -- the environment -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("raw,expected", [("", True), ("1", True), ("on", True), (" False ", False), ("0", False)])
 def test_env_switches(raw, expected, monkeypatch):
