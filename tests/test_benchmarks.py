@@ -131,8 +131,9 @@ def test_footprint_benchmark_measures_cold_and_warm_start(tmp_path):
                         "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["what"]: row for row in json.loads(out.read_text())["startup"]}
-    cold, warm = rows["minibert encode, cold JIT cache"], rows["minibert encode, warm JIT cache"]
-    assert cold["wall_s"] > warm["wall_s"] > 0  # the cold run compiles what the warm run loads
+    compiled, warm = rows["minibert encode, cold, compiled in the process"], rows["minibert encode, warm JIT cache"]
+    assert compiled["wall_s"] > warm["wall_s"] > 0  # it compiles what the warm run loads
+    assert rows["minibert encode, cold JIT cache"]["wall_s"] > 0
     assert warm["peak_rss_mb"] > 10 and "transformers + torch, same job" in rows
 
 
