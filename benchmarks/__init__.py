@@ -9,6 +9,9 @@ import sys
 ORIGINAL_ENV = dict(os.environ)
 if "numpy" not in sys.modules:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+# Benchmarks time the compiled kernels: on a cold cache they compile in the process (and its
+# children), never the NumPy kernels of a first use (docs/runtime.md).
+os.environ.setdefault("MINIBERT_BACKGROUND_COMPILE", "0")
 
 # `python -m ...` puts the repository root first on sys.path, where kernels/ (installed only as
 # minibert.kernels) would shadow PyPI's `kernels` package, which transformers imports: move it last.

@@ -244,7 +244,7 @@ class Engine:
         ctx = mp.get_context("spawn")
         self.name, (self.conn, child) = name, ctx.Pipe()
         if name.startswith("minibert"):  # what `import minibert` sets when it comes before NumPy, as in the CLI
-            env = {"OPENBLAS_THREAD_TIMEOUT": "20", **env}
+            env = {"OPENBLAS_THREAD_TIMEOUT": "20", "MINIBERT_BACKGROUND_COMPILE": "0", **env}
         self.proc = ctx.Process(target=_worker, args=(child, name, str(path), threads, env), daemon=True)
         saved = dict(os.environ)
         try:  # the child starts with this environment (OpenBLAS reads it when NumPy loads, before _worker runs)
