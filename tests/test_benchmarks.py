@@ -86,7 +86,9 @@ def test_model_benchmark_validates_times_and_records_every_engine(tmp_path):
     assert data["machine"]["commit"] and data["machine"]["cpu_flags"] is not None  # every run names its commit and host
     engines = {row["engine"] for row in data["results"]}
     assert {"minibert", "pytorch"} <= engines
-    assert engines | set(data["skipped"]) == {"minibert", "minibert-packed", "pytorch", "onnxruntime", "ctranslate2"}
+    assert engines | set(data["skipped"]) == {"minibert", "minibert-packed", "pytorch", "onnxruntime", "ctranslate2",
+                                              "openvino"}
+    assert all(row["precision"] == "f32" for row in data["results"]), {r["engine"]: r["precision"] for r in data["results"]}
     shapes = {row["shape"] for row in data["results"]}
     assert len(shapes) == 5 and any(s.startswith("mixed") for s in shapes)
     for row in data["results"]:
