@@ -12,7 +12,8 @@ with a cache filled by ``python -m minibert.warmup`` first. Medians of ``--repea
 taking turns.
 
 Memory: peak RSS of one process that loads bert-base (random weights, see benchmarks.model) and
-runs one (8, 512) forward pass, minibert against PyTorch + transformers; the baseline RSS of the
+runs one (8, 512) forward pass, without and with ``output_attentions``, minibert against PyTorch +
+transformers (eager attention when it returns attentions); the baseline RSS of the
 bare interpreter with the library imported is reported beside it.
 
 Peak RSS is the child's own VmHWM (/proc/self/status, read at exit), so nothing is sampled. Not
@@ -50,6 +51,8 @@ print(out.last_hidden_state.mean(dim=1)[0, :4].tolist())
 PEAK = """
 import sys, numpy as np
 engine, path, threads, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+attentions = engine.endswith("+attentions")
+engine = engine.replace("+attentions", "")
 ids = np.random.default_rng(0).integers(1000, 20000, size=(B, T))
 if engine == "import-minibert":
     import minibert
@@ -58,13 +61,14 @@ elif engine == "import-torch":
 elif engine == "minibert":
     import minibert
     minibert.set_num_threads(threads)
-    out = minibert.BertModel.from_pretrained(path)(ids).last_hidden_state
+    out = minibert.BertModel.from_pretrained(path)(ids, output_attentions=attentions).last_hidden_state
 else:
     import torch, transformers
     torch.set_num_threads(threads)
-    m = transformers.BertModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    # attention probabilities need eager attention in transformers (sdpa does not return them)
+    m = transformers.BertModel.from_pretrained(path, attn_implementation="eager" if attentions else "sdpa").eval()
     with torch.inference_mode():
-        out = m(input_ids=torch.from_numpy(ids)).last_hidden_state
+        out = m(input_ids=torch.from_numpy(ids), output_attentions=attentions).last_hidden_state
 """
 
 
@@ -155,8 +159,10 @@ def memory(threads, B=8, T=512):
     path = str(model_dir("base"))
     rows = []
     for engine, label in (("import-minibert", "python + import minibert"), ("minibert", f"minibert bert-base ({B}, {T})"),
+                          ("minibert+attentions", f"minibert bert-base ({B}, {T}), output_attentions"),
                           ("import-torch", "python + import torch, transformers"),
-                          ("torch", f"PyTorch bert-base ({B}, {T})")):
+                          ("torch", f"PyTorch bert-base ({B}, {T})"),
+                          ("torch+attentions", f"PyTorch bert-base ({B}, {T}), output_attentions (eager)")):
         if "torch" in engine:
             try:
                 import torch  # noqa: F401
