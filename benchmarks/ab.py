@@ -4,14 +4,15 @@
                             [--processes 3] [--threads 2] [--gap 0.3] [--output FILE]
 
 Settings, each in a process of its own, timed interleaved (round r runs every setting once, in a
-rotating order, ``--gap`` seconds of idle before each call). The repeats are split over
-``--processes`` fresh processes per setting: one process's memory layout alone moved MiniLM (1, 16)
-by up to 20 %, so a single pair of processes can show a difference that is not in the code: "new" (this checkout), "new + torch"
+rotating order, ``--gap`` seconds of idle before each call): "new" (this checkout), "new + torch"
 (``import torch`` before minibert, as in a notebook that compares with transformers), and, with
 ``--baseline``, "baseline" and "baseline + torch" (DIR is a checkout of another commit, e.g.
 ``git worktree add /tmp/base COMMIT``). The shapes and inputs are benchmarks.model's. Every setting
-is first checked against "new" (max abs difference at valid positions). Prints median ms per pass
-and the ratio to "new"; writes JSON with the host (CPU model and vector ISA flags).
+is first checked against "new" (max abs difference at valid positions). The repeats are split
+over ``--processes`` fresh processes per setting, taking turns: processes of the same code differed
+by up to 20 % at MiniLM (1, 16), so one pair of processes can show a difference that is not in the
+code. Prints median ms per pass and the ratio to "new"; writes JSON with the host (CPU model and
+vector ISA flags).
 """
 from __future__ import annotations
 

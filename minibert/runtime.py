@@ -365,27 +365,39 @@ def _mallopt() -> bool:
 # once on stderr) while a detached `python -m minibert.warmup DTYPE` compiles them into the cache
 # and leaves a marker there; the first pass after the marker appears loads them.
 _ready: Dict[str, bool] = {}  # dtype -> the compiled kernels are in the cache (or compile here)
+_warmups: Dict[str, object] = {}  # dtype -> the warm-up process this one started
+_compile_here = False
+
+
+def compile_here() -> None:
+    """Compile the default kernels in this process at its first pass, whatever the cache holds
+    (a server whose health check waits for them; the warm-up itself)."""
+    global _compile_here
+    _compile_here = True
 
 
 def kernels_ready(dtype) -> bool:
     """Whether a pass in ``dtype`` runs the default (Numba) kernels now: True once they are in
-    Numba's cache, or always with ``MINIBERT_BACKGROUND_COMPILE=0``. On the first False, starts
-    the warm-up process and says so on stderr."""
+    Numba's cache, or if the warm-up ended without leaving its marker (they then compile here),
+    or always with ``MINIBERT_BACKGROUND_COMPILE=0``. On the first False, starts the warm-up
+    process and says so on stderr."""
     import numpy as np
 
     name = np.dtype(dtype).name
     if _ready.get(name):
         return True
-    marker = ready_marker(name) if switch("MINIBERT_BACKGROUND_COMPILE") else None
-    if marker is None or os.path.exists(marker):
+    background = not _compile_here and switch("MINIBERT_BACKGROUND_COMPILE")
+    marker = ready_marker(name) if background else None
+    warmup = _warmups.get(name)
+    if marker is None or os.path.exists(marker) or (warmup is not None and warmup.poll() is not None):
         _ready[name] = True
         return True
-    if name not in _ready:
-        _ready[name] = False
+    if warmup is None:
         import subprocess
 
-        subprocess.Popen([sys.executable, "-m", "minibert.warmup", name], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _warmups[name] = subprocess.Popen(
+            [sys.executable, "-m", "minibert.warmup", name], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         print(f"minibert: compiling the {name} kernels for this machine in the background (once, about 15 s); "
               "until they are ready, passes run the NumPy kernels: the same results within 1e-4, not the "
               "same bits (MINIBERT_BACKGROUND_COMPILE=0 compiles them in this process instead)", file=sys.stderr)

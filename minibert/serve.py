@@ -16,7 +16,6 @@ import collections
 import concurrent.futures
 import json
 import logging
-import os
 import threading
 import time
 from typing import List, Optional
@@ -361,7 +360,9 @@ def run(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, 
     from .hub import DEFAULT_MODEL
     from .sentence import SentenceEncoder
 
-    os.environ["MINIBERT_BACKGROUND_COMPILE"] = "0"  # /health waits for the compiled kernels: compile here
+    from . import runtime
+
+    runtime.compile_here()  # /health waits for the compiled kernels: compile them in this process
     t0 = time.perf_counter()
     encoder = SentenceEncoder.from_pretrained(model, dtype=dtype, kernels=kernels)
     encoder.encode(["warm up", "the kernels compile on first use"], normalize=False)

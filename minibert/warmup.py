@@ -1,6 +1,7 @@
 """``python -m minibert.warmup [float32|float64]``: compile the default kernels for one dtype into
 Numba's on-disk cache, then leave :func:`minibert.runtime.ready_marker` beside it. Started detached
-by the first pass on a cold cache (:func:`minibert.runtime.kernels_ready`); one at a time per cache.
+by the first pass on a cold cache (:func:`minibert.runtime.kernels_ready`); one compiles at a time
+per cache, the others wait for it. Exiting without the marker tells the starter to compile itself.
 
 It runs a tiny random BERT loaded as ``from_pretrained`` loads a checkpoint (read-only float32
 safetensors), dense and packed, so the kernels compile for the same argument types as a real model's.
@@ -19,22 +20,19 @@ def main(argv=None) -> int:
     if dtype not in ("float32", "float64"):
         print(f"dtype={dtype!r}; expected float32 or float64", file=sys.stderr)
         return 2
-    os.environ["MINIBERT_BACKGROUND_COMPILE"] = "0"  # this process compiles
     import numpy as np
     from safetensors.numpy import save_file
 
     from . import runtime
     from .bert import BertModel
 
+    runtime.compile_here()
     marker = runtime.ready_marker(dtype)
     if marker is None:
         return 1
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     with open(marker + ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return 0  # another warm-up is compiling into this cache
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another warm-up compiling into this cache: wait for it
         if os.path.exists(marker):
             return 0
         with tempfile.TemporaryDirectory(prefix="minibert-warmup-") as d:

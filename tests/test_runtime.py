@@ -345,6 +345,35 @@ def test_first_use_runs_the_numpy_kernels_while_the_cache_warms(minilm_dir, tmp_
     assert not np.array_equal(cold, warm), "the cold process ran the compiled kernels after all"
 
 
+def test_a_warm_up_that_fails_leaves_the_kernels_to_compile_in_the_process(minilm_dir, tmp_path):
+    """If the warm-up process ends without its marker, the next pass compiles the default kernels
+    in the process instead of running the NumPy ones for ever."""
+    code = f"""
+        import sys, time, numpy as np, minibert
+        from minibert import runtime
+        model = minibert.BertModel.from_pretrained({str(minilm_dir)!r})
+        sys.executable = "/bin/false"  # the warm-up it starts exits at once, leaving no marker
+        ids = [[101, 7592, 2088, 102]]
+        cold = model(ids).last_hidden_state
+        runtime._warmups["float32"].wait(timeout=60)
+        np.save({str(tmp_path / "after.npy")!r}, model(ids).last_hidden_state)
+        np.save({str(tmp_path / "cold.npy")!r}, cold)
+    """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "MINIBERT_BACKGROUND_COMPILE": "1"}
+    rc, _, err = _python(code, env=env, timeout=300)
+    assert rc == 0, err[-3000:]
+    assert "compiling the float32 kernels" in err, err[-3000:]
+    here = minibert.BertModel.from_pretrained(str(minilm_dir))([[101, 7592, 2088, 102]]).last_hidden_state
+    after = np.load(tmp_path / "after.npy")
+    assert np.array_equal(after, here), f"max abs diff {np.abs(after - here).max():.3e}: not the compiled kernels"
+    assert not np.array_equal(np.load(tmp_path / "cold.npy"), here)
+
+
+def test_warmup_rejects_a_dtype_it_has_no_kernels_for():
+    r = subprocess.run([sys.executable, "-m", "minibert.warmup", "float16"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "dtype='float16'; expected float32 or float64" in r.stderr, r.stderr[-2000:]
+
+
 # -- the environment -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("raw,expected", [("", True), ("1", True), ("on", True), (" False ", False), ("0", False)])
 def test_env_switches(raw, expected, monkeypatch):
@@ -354,10 +383,11 @@ def test_env_switches(raw, expected, monkeypatch):
     assert switch("MINIBERT_TEST_SWITCH") is expected
 
 
-def test_a_mistyped_env_switch_fails_at_import():
-    code, _, err = _python("import minibert", env={"MINIBERT_KEEP_FREED_MEMORY": "maybe"})
+@pytest.mark.parametrize("name", ["MINIBERT_KEEP_FREED_MEMORY", "MINIBERT_PIN_THREADS", "MINIBERT_BACKGROUND_COMPILE"])
+def test_a_mistyped_env_switch_fails_at_import(name):
+    code, _, err = _python("import minibert", env={name: "maybe"})
     assert code != 0
-    assert "environment variable MINIBERT_KEEP_FREED_MEMORY='maybe'; expected 1 or 0" in err, err[-2000:]
+    assert f"environment variable {name}='maybe'; expected 1 or 0" in err, err[-2000:]
 
 
 _ENV_PROBE = """
