@@ -1,6 +1,6 @@
 """``minibert serve``: sentence embeddings over HTTP with text-embeddings-inference's routes and
 OpenAI's embeddings API (``pip install 'minibert-numpy[serve]'``: starlette, uvicorn,
-prometheus-client).
+prometheus-client, orjson).
 
 Requests are tokenized (once: to check their length, count their tokens and run) in a thread pool,
 then queued for one inference thread that owns the cores: it merges waiting requests into one batch
@@ -281,9 +281,12 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _json(self, payload, status=200):
+        """``payload`` as JSON, float32 arrays as the shortest decimals that read back to the same
+        float32 (as TEI writes them)."""
+        import orjson
         from starlette.responses import Response
 
-        body = await self._off_loop(lambda: json.dumps(payload, separators=(",", ":")))
+        body = await self._off_loop(orjson.dumps, payload, None, orjson.OPT_SERIALIZE_NUMPY)
         return Response(body, status_code=status, media_type="application/json")
 
     # -- routes -----------------------------------------------------------------------------------
@@ -295,7 +298,7 @@ class Server:
         vecs, _ = await self._vectors(texts, truncate)
         if normalize:
             vecs = P.normalize(vecs)
-        return await self._json(vecs.tolist())
+        return await self._json(np.ascontiguousarray(vecs, dtype=np.float32))
 
     async def openai(self, request):
         body = await self._body(request)
@@ -314,7 +317,7 @@ class Server:
             vecs = P.normalize(vecs)
         data = [{"object": "embedding", "index": i,
                  "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64"
-                               else v.tolist())} for i, v in enumerate(vecs)]
+                               else v)} for i, v in enumerate(np.ascontiguousarray(vecs, dtype=np.float32))]
         return await self._json({"object": "list", "data": data, "model": self.model_id,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -353,9 +356,10 @@ def run(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, 
     """Load the model, compile its kernels (a warm-up call), then serve until SIGINT/SIGTERM; in-flight
     requests finish first."""
     try:
+        import orjson  # noqa: F401
         import uvicorn
     except ImportError:
-        raise SystemExit("minibert serve needs starlette, uvicorn and prometheus-client: "
+        raise SystemExit("minibert serve needs starlette, uvicorn, prometheus-client and orjson: "
                          "pip install 'minibert-numpy[serve]'") from None
     from .hub import DEFAULT_MODEL
     from .sentence import SentenceEncoder
