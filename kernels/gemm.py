@@ -351,7 +351,20 @@ def pack(weight):  # [N, K] -> panels [ceil(N / NR), K, NR], columns past N zero
     P = -(-N // NR)
     panels = np.zeros((P, NR, K), dtype=weight.dtype)
     panels.reshape(P * NR, K)[:N] = weight
-    return np.ascontiguousarray(panels.transpose(0, 2, 1))
+    out = aligned_empty((P, K, NR), weight.dtype)
+    out[...] = panels.transpose(0, 2, 1)
+    return out
+
+
+def aligned_empty(shape, dtype, align=64):
+    """An uninitialized C-contiguous array whose data starts on an ``align``-byte boundary. NumPy's
+    large arrays start 16 bytes into a page, so each 64-byte row of a panel (one AVX-512 load)
+    would straddle two cache lines."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 _PACKED: dict = {}  # id(weight) -> (weakref to weight, its panels): read-only weights only
