@@ -401,6 +401,22 @@ def test_gemm_packed_row_blocks(monkeypatch, dtype):
     assert_close(G.gemm_numba_packed(x, w), x @ w.T, tol(dtype), f"gemm/numba_packed {dtype} row blocks")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (384, 1536), (2304, 768)])
+def test_gemm_packed_panels_start_on_a_cache_line(N, K, dtype):
+    # one AVX-512 load per panel row: a panel starting off a 64-byte line splits every load in two
+    from minibert.kernels import gemm
+
+    w = np.random.default_rng(0).standard_normal((N, K)).astype(dtype)
+    panels = gemm.pack(w)
+    NR = gemm.panel_width(dtype)
+    assert panels.ctypes.data % 64 == 0, f"panels start {panels.ctypes.data % 64} bytes into a cache line"
+    assert panels.flags.c_contiguous and panels.shape == (-(-N // NR), K, NR)
+    expect = np.zeros((panels.shape[0] * NR, K), dtype)
+    expect[:N] = w
+    np.testing.assert_array_equal(panels, expect.reshape(-1, NR, K).transpose(0, 2, 1))
+
+
 def test_gemm_packed_keeps_panels_of_read_only_weights_only():
     """A read-only weight is packed once and its panels dropped with it; a writable one is packed
     on every call, so an in-place change is seen by the next product."""
