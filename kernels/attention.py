@@ -13,11 +13,15 @@ Versions (docs/kernels.md has the measurements):
   time, still in cache when P·V reads it.
 - ``numba_fused``: a task per (sequence, head), 4 query rows at a time, scores, softmax and P·V in
   L1; kept to measure: store-bound without register blocking.
-- ``numba_tiled`` (default): numba_fused's plan with q·kᵀ register-blocked (4 rows × 4 head dims
+- ``numba_tiled``: numba_fused's plan with q·kᵀ register-blocked (4 rows × 4 head dims
   per sweep over the keys), the softmax's max and exp-and-sum as vector loops in LLVM IR
   (``fastmath.row_max``/``exp_sum``), P·V by gemm.py's tile kernel on V packed into 16-column
   panels (32 on AVX-512; no padding at head sizes 32 and 64). Every sum in an order the code fixes: no
   ``reassoc``, which would round differently in a compiling and a cache-loading process.
+- ``numba_gemm`` (default): q·kᵀ on gemm.py's tile kernel too: per (sequence, head) the scaled queries
+  [L, dH] and the keys packed into 48-column panels (24 on AVX2), 8 query rows a tile on AVX-512
+  (4 on AVX2) whose scores stay in registers over the head dims, where numba_tiled loads and
+  stores each row of scores once per 4 head dims; then the mask, the softmax and P·V as there.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import exp_sum, fexp, row_max
-from .gemm import VECTOR_BYTES, _tile_kernel
+from .gemm import PANEL_VECTORS, TILE_ROWS, VECTOR_BYTES, _tile_kernel
 from .registry import FASTMATH, register
 from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
 
@@ -259,6 +263,123 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
             _context(s, nr, inv, wp, ctx, out, lo + i0, h * dH, dH)
 
 
-@register("attention", "numba_tiled", default=True)
+@register("attention", "numba_tiled")
 def attention_numba_tiled(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_tiled, qkv, starts, n_head, scale, mask)
+
+
+_ktile8, _ktile4, _ktile3, _ktile2, _ktile1 = (_tile_kernel(r, PANEL_VECTORS, False) for r in (8, 4, 3, 2, 1))
+_vtile8 = _tile_kernel(8, V_VECTORS, False)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _key_tiles(x, nr, kp, p, s):  # s[:nr, p·NR:(p+1)·NR] = x[:nr] @ kp[p], nr <= TILE_ROWS rows
+    c, i, rest = p * kp.shape[2], 0, nr
+    if TILE_ROWS == 8 and rest == 8:
+        _ktile8(x, 0, kp, p, s, c, 0, 0)
+        return
+    if rest >= 4:
+        _ktile4(x, 0, kp, p, s, c, 0, 0)
+        i, rest = 4, rest - 4
+    if rest >= 4:  # (8-row tiles only: 4 + 4 when nr = 8 is handled above)
+        _ktile4(x, i, kp, p, s, c, 0, 0)
+        i, rest = i + 4, rest - 4
+    if rest == 3:
+        _ktile3(x, i, kp, p, s, c, 0, 0)
+    elif rest == 2:
+        _ktile2(x, i, kp, p, s, c, 0, 0)
+    elif rest == 1:
+        _ktile1(x, i, kp, p, s, c, 0, 0)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _value_tiles(s, nr, vp, p, ctx):  # ctx[:nr, p·NV:(p+1)·NV] = s[:nr] @ vp[p]
+    c, i, rest = p * vp.shape[2], 0, nr
+    if TILE_ROWS == 8 and rest == 8:
+        _vtile8(s, 0, vp, p, ctx, c, 0, 0)
+        return
+    if rest >= 4:
+        _vtile4(s, 0, vp, p, ctx, c, 0, 0)
+        i, rest = 4, rest - 4
+    if rest >= 4:
+        _vtile4(s, i, vp, p, ctx, c, 0, 0)
+        i, rest = i + 4, rest - 4
+    if rest == 3:
+        _vtile3(s, i, vp, p, ctx, c, 0, 0)
+    elif rest == 2:
+        _vtile2(s, i, vp, p, ctx, c, 0, 0)
+    elif rest == 1:
+        _vtile1(s, i, vp, p, ctx, c, 0, 0)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _pack_k(qkv, lo, L, col, dH, kp):  # kp[p, d, c] = qkv[lo + p·NR + c, col + d] for the L keys
+    # 8 keys at a time (NR is a multiple of 8, so they share a panel): 8 contiguous values a write
+    NR = kp.shape[2]
+    L8 = L - L % 8
+    for j in range(0, L8, 8):
+        r0, r1 = qkv[lo + j, col:col + dH], qkv[lo + j + 1, col:col + dH]
+        r2, r3 = qkv[lo + j + 2, col:col + dH], qkv[lo + j + 3, col:col + dH]
+        r4, r5 = qkv[lo + j + 4, col:col + dH], qkv[lo + j + 5, col:col + dH]
+        r6, r7 = qkv[lo + j + 6, col:col + dH], qkv[lo + j + 7, col:col + dH]
+        pj, c = j // NR, j % NR
+        for d in range(dH):
+            t = kp[pj, d]
+            t[c], t[c + 1], t[c + 2], t[c + 3] = r0[d], r1[d], r2[d], r3[d]
+            t[c + 4], t[c + 5], t[c + 6], t[c + 7] = r4[d], r5[d], r6[d], r7[d]
+    for j in range(L8, L):
+        src, pj, c = qkv[lo + j, col:col + dH], j // NR, j % NR
+        for d in range(dH):
+            kp[pj, d, c] = src[d]
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def _attention_gemm(qkv, starts, mask, has_mask, n_head, scale, out):
+    H = qkv.shape[1] // 3
+    dH = H // n_head
+    NR = PANEL_VECTORS * VECTOR_BYTES // qkv.itemsize  # keys per K panel
+    NV = V_VECTORS * VECTOR_BYTES // qkv.itemsize  # head dims per V panel
+    for task in prange((starts.size - 1) * n_head):
+        b, h = task // n_head, task % n_head
+        lo, L = starts[b], starts[b + 1] - starts[b]
+        if L == 0:
+            continue
+        PK = (L + NR - 1) // NR
+        LP = PK * NR  # keys padded to whole panels: zero keys, zero values, probability 0
+        q = np.empty((L, dH), dtype=qkv.dtype)  # q·scale, the tile kernel's rows
+        for i in range(L):
+            src, dst = qkv[lo + i, h * dH:h * dH + dH], q[i]
+            for d in range(dH):
+                dst[d] = src[d] * scale
+        kp = np.zeros((PK, dH, NR), dtype=qkv.dtype)  # kp[p, d, c] = k[p·NR + c, d]
+        _pack_k(qkv, lo, L, H + h * dH, dH, kp)
+        PV = (dH + NV - 1) // NV
+        vp = np.zeros((PV, LP, NV), dtype=qkv.dtype)
+        _pack_v(qkv, lo, 2 * H + h * dH, dH, vp[:, :L])
+        s = np.empty((TILE_ROWS, LP), dtype=qkv.dtype)
+        inv = np.empty(TILE_ROWS, dtype=qkv.dtype)
+        ctx = np.empty((TILE_ROWS, PV * NV), dtype=qkv.dtype)
+        for i0 in range(0, L, TILE_ROWS):
+            nr = min(TILE_ROWS, L - i0)
+            x = q[i0:i0 + nr]
+            for p in range(PK):
+                _key_tiles(x, nr, kp, p, s)
+            for r in range(nr):
+                row = s[r, :L]
+                if has_mask:
+                    mr = mask[b]
+                    for j in range(L):
+                        row[j] += mr[j]
+                inv[r] = 1 / exp_sum(row, row_max(row))
+                s[r, L:] = 0
+            for p in range(PV):
+                _value_tiles(s, nr, vp, p, ctx)
+            for r in range(nr):
+                o, cr, v = out[lo + i0 + r, h * dH:h * dH + dH], ctx[r], inv[r]
+                for d in range(dH):
+                    o[d] = cr[d] * v
+
+
+@register("attention", "numba_gemm", default=True)
+def attention_numba_gemm(qkv, starts, n_head, scale, mask=None):
+    return _run(_attention_gemm, qkv, starts, n_head, scale, mask)
