@@ -314,23 +314,27 @@ def _value_tiles(s, nr, vp, p, ctx):  # ctx[:nr, p·NV:(p+1)·NV] = s[:nr] @ vp[
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _pack_k(qkv, lo, L, col, dH, kp):  # kp[p, d, c] = qkv[lo + p·NR + c, col + d] for the L keys
-    # 8 keys at a time (NR is a multiple of 8, so they share a panel): 8 contiguous values a write
+    # 8 keys of a panel at a time: 8 contiguous values a write. A panel is 24 or 48 float32 wide
+    # but 12 float64 on AVX2, so the blocks of 8 stop at each panel's end
     NR = kp.shape[2]
-    L8 = L - L % 8
-    for j in range(0, L8, 8):
-        r0, r1 = qkv[lo + j, col:col + dH], qkv[lo + j + 1, col:col + dH]
-        r2, r3 = qkv[lo + j + 2, col:col + dH], qkv[lo + j + 3, col:col + dH]
-        r4, r5 = qkv[lo + j + 4, col:col + dH], qkv[lo + j + 5, col:col + dH]
-        r6, r7 = qkv[lo + j + 6, col:col + dH], qkv[lo + j + 7, col:col + dH]
-        pj, c = j // NR, j % NR
-        for d in range(dH):
-            t = kp[pj, d]
-            t[c], t[c + 1], t[c + 2], t[c + 3] = r0[d], r1[d], r2[d], r3[d]
-            t[c + 4], t[c + 5], t[c + 6], t[c + 7] = r4[d], r5[d], r6[d], r7[d]
-    for j in range(L8, L):
-        src, pj, c = qkv[lo + j, col:col + dH], j // NR, j % NR
-        for d in range(dH):
-            kp[pj, d, c] = src[d]
+    for p in range((L + NR - 1) // NR):
+        j0, j1 = p * NR, min(L, p * NR + NR)
+        j = j0
+        while j + 8 <= j1:
+            r0, r1 = qkv[lo + j, col:col + dH], qkv[lo + j + 1, col:col + dH]
+            r2, r3 = qkv[lo + j + 2, col:col + dH], qkv[lo + j + 3, col:col + dH]
+            r4, r5 = qkv[lo + j + 4, col:col + dH], qkv[lo + j + 5, col:col + dH]
+            r6, r7 = qkv[lo + j + 6, col:col + dH], qkv[lo + j + 7, col:col + dH]
+            c = j - j0
+            for d in range(dH):
+                t = kp[p, d]
+                t[c], t[c + 1], t[c + 2], t[c + 3] = r0[d], r1[d], r2[d], r3[d]
+                t[c + 4], t[c + 5], t[c + 6], t[c + 7] = r4[d], r5[d], r6[d], r7[d]
+            j += 8
+        for k in range(j, j1):
+            src = qkv[lo + k, col:col + dH]
+            for d in range(dH):
+                kp[p, d, k - j0] = src[d]
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
