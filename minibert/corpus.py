@@ -215,6 +215,9 @@ def embed(inputs, output, text_column: str = "text", id_column: Optional[str] = 
     finally:
         if bar is not None:
             bar.close()
+    for _, d in todo:  # a worker killed while writing leaves its temporary file; another redid the file
+        for stale in d.parent.glob(glob.escape(d.name) + ".tmp-*"):
+            stale.unlink(missing_ok=True)
     return [d for _, d in jobs]
 
 

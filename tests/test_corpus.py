@@ -121,6 +121,20 @@ def test_a_killed_worker_loses_no_row(tmp_path, minilm_dir, cluster):
     assert not list((tmp_path / "out").glob("*.tmp-*"))
 
 
+def test_a_dead_writers_temporary_file_is_removed(tmp_path, minilm_dir):
+    # what a worker killed mid-write leaves (the dask test above hits it only when the kill lands
+    # during the write): gone once the file has been redone
+    files = write_corpus(tmp_path / "in", n_files=2, rows=5, seed=4)
+    (tmp_path / "out").mkdir()
+    stem = sorted(files)[0]
+    stale = tmp_path / "out" / f"{stem}.parquet.tmp-0123456789abcdef"
+    stale.write_bytes(b"half a parquet file")
+    outs = embed(tmp_path / "in", tmp_path / "out", id_column="id", model=str(minilm_dir), progress=False)
+    assert not stale.exists()
+    assert not list((tmp_path / "out").glob("*.tmp-*"))
+    assert all(read_out(o)[0].column("id").to_pylist() == files[o.stem][1] for o in outs)
+
+
 def test_rerun_skips_complete_outputs_and_overwrite_redoes_them(tmp_path, minilm_dir):
     write_corpus(tmp_path / "in")
     outs = embed(tmp_path / "in", tmp_path / "out", model=str(minilm_dir), progress=False)
