@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import exp_sum, fexp, row_max
-from .gemm import PANEL_VECTORS, TILE_ROWS, VECTOR_BYTES, _tile_kernel
+from .gemm import PANEL_VECTORS, TILE_ROWS, VECTOR_BYTES, _tile_kernel, _tiles
 from .registry import FASTMATH, register
 from .softmax import masked_softmax_numba_v2, masked_softmax_numpy
 
@@ -268,28 +268,13 @@ def attention_numba_tiled(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_tiled, qkv, starts, n_head, scale, mask)
 
 
-_ktile8, _ktile4, _ktile3, _ktile2, _ktile1 = (_tile_kernel(r, PANEL_VECTORS, False) for r in (8, 4, 3, 2, 1))
 _vtile8 = _tile_kernel(8, V_VECTORS, False)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _key_tiles(x, nr, kp, p, s):  # s[:nr, p·NR:(p+1)·NR] = x[:nr] @ kp[p], nr <= TILE_ROWS rows
-    c, i, rest = p * kp.shape[2], 0, nr
-    if TILE_ROWS == 8 and rest == 8:
-        _ktile8(x, 0, kp, p, s, c, 0, 0)
-        return
-    if rest >= 4:
-        _ktile4(x, 0, kp, p, s, c, 0, 0)
-        i, rest = 4, rest - 4
-    if rest >= 4:  # (8-row tiles only: 4 + 4 when nr = 8 is handled above)
-        _ktile4(x, i, kp, p, s, c, 0, 0)
-        i, rest = i + 4, rest - 4
-    if rest == 3:
-        _ktile3(x, i, kp, p, s, c, 0, 0)
-    elif rest == 2:
-        _ktile2(x, i, kp, p, s, c, 0, 0)
-    elif rest == 1:
-        _ktile1(x, i, kp, p, s, c, 0, 0)
+def _key_tiles(x, nr, kp, p, s):  # s[:nr, p·NR:(p+1)·NR] = x[:nr] @ kp[p]: gemm.py's tiles, which
+    # prefetch the next key panel meanwhile
+    _tiles(x, 0, nr, kp, p, s, p * kp.shape[2], (p + 1) % kp.shape[0])
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -301,9 +286,6 @@ def _value_tiles(s, nr, vp, p, ctx):  # ctx[:nr, p·NV:(p+1)·NV] = s[:nr] @ vp[
     if rest >= 4:
         _vtile4(s, 0, vp, p, ctx, c, 0, 0)
         i, rest = 4, rest - 4
-    if rest >= 4:
-        _vtile4(s, i, vp, p, ctx, c, 0, 0)
-        i, rest = i + 4, rest - 4
     if rest == 3:
         _vtile3(s, i, vp, p, ctx, c, 0, 0)
     elif rest == 2:
