@@ -261,3 +261,12 @@ def test_sigterm_lets_in_flight_requests_finish(minilm_dir, encoder):
     before = [r for t0, r in results if t0 < term[0]]
     assert before and all(r == "ok" for r in before), [r for r in before if r != "ok"][:3]
     assert all(r == "ok" or isinstance(r, str) for _, r in results)  # after: a 200 or no connection
+
+
+@pytest.mark.parametrize("missing", ["orjson", "uvicorn"])
+def test_serve_without_its_extra_names_what_to_install(monkeypatch, missing):
+    from minibert import serve
+
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=r"orjson.*pip install 'minibert-numpy\[serve\]'"):
+        serve.run(model="unused")
