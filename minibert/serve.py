@@ -366,11 +366,28 @@ def run(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, 
 
     from . import runtime
 
+    sock = _bound_socket(host, port)
     runtime.compile_here()  # /health waits for the compiled kernels: compile them in this process
     t0 = time.perf_counter()
     encoder = SentenceEncoder.from_pretrained(model, dtype=dtype, kernels=kernels)
     encoder.encode(["warm up", "the kernels compile on first use"], normalize=False)
     server = Server(encoder, model or DEFAULT_MODEL, max_batch_tokens, max_client_batch_size, auto_truncate, api_key)
     log.info("model %s ready in %.2f s; serving on http://%s:%d", model or DEFAULT_MODEL, time.perf_counter() - t0,
-             host, port)
-    uvicorn.run(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+             f"[{host}]" if ":" in host else host, port)
+    config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bound_socket(host: str, port: int):
+    """The server's socket, bound before the model loads (listening only once it is ready), so a
+    port in use is an error at once rather than after the load."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"minibert serve: cannot listen on {host}:{port} (--host, --port): {e.strerror or e}") from None
+    return sock

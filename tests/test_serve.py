@@ -263,6 +263,18 @@ def test_sigterm_lets_in_flight_requests_finish(minilm_dir, encoder):
     assert all(r == "ok" or isinstance(r, str) for _, r in results)  # after: a 200 or no connection
 
 
+def test_a_port_in_use_is_an_error_before_the_model_loads(minilm_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "minibert", "serve", "--model", str(minilm_dir), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert f"cannot listen on 127.0.0.1:{port} (--host, --port): Address already in use" in r.stderr, r.stderr
+    assert "serving on" not in r.stderr, r.stderr  # failed before loading, not after
+
+
 @pytest.mark.parametrize("missing", ["orjson", "uvicorn"])
 def test_serve_without_its_extra_names_what_to_install(monkeypatch, missing):
     from minibert import serve
