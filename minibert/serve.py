@@ -258,6 +258,18 @@ class Server:
             raise ClientError(422, f"'{field}' must be true or false; got {_kind(v)}")
         return v
 
+    def _dimensions(self, body) -> Optional[int]:
+        """OpenAI's ``dimensions``: keep the first d components (normalized after, when the route
+        normalizes), as OpenAI's and sentence-transformers' ``truncate_dim`` do. Only models trained
+        for it (Matryoshka) keep their quality cut short; that is the caller's choice."""
+        d, dim = body.get("dimensions"), self.encoder.dim
+        if d is None:
+            return None
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= dim:
+            raise ClientError(422, f"'dimensions' must be an integer from 1 to {dim} (the model's dimension); "
+                                   f"got {d!r}")
+        return d
+
     async def _vectors(self, texts: List[str], truncate: bool):
         """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used."""
         x, tokens = await self._off_loop(self._tokenized, texts, truncate)
@@ -295,7 +307,9 @@ class Server:
         texts = self._texts(body.get("inputs"), "inputs")
         normalize = self._flag(body, "normalize", True)
         truncate = self._flag(body, "truncate", False) or self.auto_truncate
+        dims = self._dimensions(body)
         vecs, _ = await self._vectors(texts, truncate)
+        vecs = vecs[:, :dims]
         if normalize:
             vecs = P.normalize(vecs)
         return await self._json(np.ascontiguousarray(vecs, dtype=np.float32))
@@ -312,7 +326,9 @@ class Server:
         model = body.get("model", self.model_id)
         if not isinstance(model, str):
             raise ClientError(422, f"'model' must be a string; got {_kind(model)}")
+        dims = self._dimensions(body)
         vecs, tokens = await self._vectors(texts, self.auto_truncate)
+        vecs = vecs[:, :dims]
         if self.encoder.normalize:  # the checkpoint's own pipeline, as sentence-transformers
             vecs = P.normalize(vecs)
         data = [{"object": "embedding", "index": i,

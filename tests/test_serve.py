@@ -105,6 +105,14 @@ def test_embed_and_openai_routes_give_the_encoder_s_vectors(server, encoder):
     assert cos([d["embedding"] for d in body["data"]], want[:3]).min() >= COSINE
     n = int(encoder.tokenizer.lengths(TEXTS[:3]).sum())
     assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
+    cut = raw[:3, :128] / np.linalg.norm(raw[:3, :128], axis=1, keepdims=True)  # OpenAI's "dimensions"
+    status, body = server.request("POST", "/v1/embeddings", {"input": TEXTS[:3], "dimensions": 128})
+    assert status == 200 and cos([d["embedding"] for d in body["data"]], cut).min() >= COSINE
+    status, got = server.request("POST", "/embed", {"inputs": TEXTS[:3], "dimensions": 128})
+    assert status == 200 and np.array(got).shape == (3, 128) and cos(got, cut).min() >= COSINE
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
+    status, got = server.request("POST", "/embed", {"inputs": TEXTS[0], "dimensions": 384, "normalize": False})
+    assert status == 200 and cos(got[0], raw[0]) >= COSINE
     status, b64 = server.request("POST", "/v1/embeddings", {"input": "hi", "encoding_format": "base64"})
     v = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     assert status == 200 and v.shape == (384,) and cos(v, want[3]) >= COSINE
@@ -141,6 +149,10 @@ def test_tokenize_info_health_metrics(server, encoder):
     ("/v1/embeddings", {"input": [[1, 2, 3]]}, None, 422, "token ids is not supported"),
     ("/v1/embeddings", {"input": "a", "encoding_format": "hex"}, None, 422, "'float' or 'base64'"),
     ("/v1/embeddings", {"input": "a", "model": 3}, None, 422, "'model' must be a string"),
+    ("/v1/embeddings", {"input": "a", "dimensions": 385}, None, 422, "from 1 to 384 (the model's dimension); got 385"),
+    ("/v1/embeddings", {"input": "a", "dimensions": 0}, None, 422, "from 1 to 384"),
+    ("/embed", {"inputs": "a", "dimensions": True}, None, 422, "'dimensions' must be an integer"),
+    ("/embed", {"inputs": "a", "dimensions": "64"}, None, 422, "got '64'"),
     ("/tokenize", {"inputs": None}, None, 422, "got null"),
     ("/nope", {}, None, 404, "not found"),
 ])
