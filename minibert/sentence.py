@@ -42,13 +42,19 @@ def _read_json(path: Path):
 
 
 def read_st_config(model_dir) -> Dict:
-    """{"pooling": [modes], "normalize": bool, "max_seq_length": int or None} from the
-    sentence-transformers files in ``model_dir`` (defaults: mean, no normalize)."""
+    """{"pooling": [modes], "normalize": bool, "max_seq_length": int or None, "prompts": {name: text},
+    "default_prompt_name": str or None} from the sentence-transformers files in ``model_dir``
+    (defaults: mean, no normalize, no prompts)."""
     d = Path(model_dir)
-    cfg = {"pooling": ["mean"], "normalize": False, "max_seq_length": None}
+    cfg = {"pooling": ["mean"], "normalize": False, "max_seq_length": None, "prompts": {}, "default_prompt_name": None}
     sbert = d / "sentence_bert_config.json"
     if sbert.is_file():
         cfg["max_seq_length"] = _read_json(sbert).get("max_seq_length")
+    st = d / "config_sentence_transformers.json"
+    if st.is_file():
+        st_cfg = _read_json(st)
+        cfg["prompts"] = st_cfg.get("prompts") or {}
+        cfg["default_prompt_name"] = st_cfg.get("default_prompt_name")
     modules_file = d / "modules.json"
     if not modules_file.is_file():
         return cfg
@@ -58,7 +64,8 @@ def read_st_config(model_dir) -> Dict:
             continue
         if kind == "Pooling":
             pcfg = _read_json(d / m.get("path", "") / "config.json")
-            bad = [k for k in _ST_UNSUPPORTED if pcfg.get(k)]
+            bad = [k for k in _ST_UNSUPPORTED if pcfg.get(k)] + ["include_prompt=false"] * (
+                pcfg.get("include_prompt", True) is False)  # the prompt's tokens left out of the pooling
             if bad:
                 raise NotImplementedError(f"{modules_file}: Pooling with {bad[0]} is not implemented; "
                                           f"supported: {list(_ST_MODES)}")
@@ -113,7 +120,8 @@ class SentenceEncoder:
     pooling, normalize, max_seq_length)`` wraps a loaded BertModel and tokenizer instead."""
 
     def __init__(self, model=None, tokenizer: Optional[BertTokenizer] = None, pooling: Sequence[str] = ("mean",),
-                 normalize: bool = False, max_seq_length: Optional[int] = None, **load_kwargs):
+                 normalize: bool = False, max_seq_length: Optional[int] = None,
+                 prompts: Optional[Dict[str, str]] = None, default_prompt_name: Optional[str] = None, **load_kwargs):
         if not isinstance(model, BertModel):  # a name or path (None: the default model), as sentence-transformers
             if tokenizer is not None:
                 raise TypeError("SentenceEncoder(name_or_path) loads its own tokenizer; pass a BertModel to give one")
@@ -129,6 +137,14 @@ class SentenceEncoder:
         self.pooling, self.normalize = list(pooling), bool(normalize)
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
         self.max_seq_length = min(max_seq_length or limit, limit)
+        # sentence-transformers' prompts: text put before each sentence, by name ("query": "query: ")
+        if not isinstance(prompts or {}, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in (prompts or {}).items()):
+            raise TypeError(f"prompts={prompts!r}; expected a dict of prompt name -> prompt text (str -> str)")
+        self.prompts, self.default_prompt_name = dict(prompts or {}), default_prompt_name
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError(f"Default prompt name '{default_prompt_name}' not found in the configured prompts "
+                             f"dictionary with keys {list(self.prompts)!r}.")
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, dtype="float32", kernels="numba", **kwargs) -> "SentenceEncoder":
@@ -140,7 +156,8 @@ class SentenceEncoder:
         model = BertModel.from_pretrained(model_dir, dtype=dtype, kernels=kernels, add_pooling_layer=False, **kwargs)
         tokenizer = BertTokenizer.from_pretrained(model_dir)
         enc = cls.__new__(cls)
-        SentenceEncoder.__init__(enc, model, tokenizer, st["pooling"], st["normalize"], st["max_seq_length"])
+        SentenceEncoder.__init__(enc, model, tokenizer, st["pooling"], st["normalize"], st["max_seq_length"],
+                                 st["prompts"], st["default_prompt_name"])
         logger.debug("SentenceEncoder %s: pooling %s, normalize %s, max_seq_length %d", model_dir, enc.pooling,
                      enc.normalize, enc.max_seq_length)
         return enc
@@ -152,13 +169,17 @@ class SentenceEncoder:
     def encode(self, sentences: Union[str, Sequence[str]], batch_size: int = 32,
                show_progress_bar: Optional[bool] = None, output_value: str = "sentence_embedding",
                convert_to_numpy: bool = True, convert_to_tensor: bool = False, normalize_embeddings: bool = False,
-               pooling: Optional[str] = None, normalize: Optional[bool] = None):
+               pooling: Optional[str] = None, normalize: Optional[bool] = None, prompt_name: Optional[str] = None,
+               prompt: Optional[str] = None):
         """float32 [N, H], rows in input order (a single string gives [H]), as sentence-transformers.
 
         sentence-transformers' arguments: ``normalize_embeddings=True`` normalizes to unit length
         (the checkpoint's Normalize module applies either way); ``convert_to_numpy=False`` gives a
         list of [H] arrays; ``output_value="token_embeddings"`` gives each sentence's [n_i, H] token
         vectors (its valid tokens). ``convert_to_tensor=True`` is an error: minibert returns NumPy.
+        ``prompt`` (text) or ``prompt_name`` (a key of ``prompts``, from the checkpoint's
+        config_sentence_transformers.json) goes before every sentence; neither: the checkpoint's
+        ``default_prompt_name``, if any.
         minibert's own: ``pooling`` None (the checkpoint's), "mean", "cls", "max" or
         "mean_sqrt_len"; ``normalize`` None (the checkpoint's), True or False. Sentences longer
         than ``max_seq_length`` tokens are truncated, as sentence-transformers does. Batches are
@@ -171,10 +192,32 @@ class SentenceEncoder:
         if normalize_embeddings and normalize is None:
             normalize = True
         texts, single = _texts(sentences, batch_size)
+        text = self.prompt_text(prompt_name, prompt)
+        if text:
+            texts = [text + t for t in texts]
         if output_value == "token_embeddings":
             return self._token_embeddings(texts, single, batch_size)
         out = self._encode(texts, single, batch_size, pooling, normalize, bool(show_progress_bar))
         return out if convert_to_numpy or out.ndim == 1 else list(out)
+
+    def prompt_text(self, prompt_name: Optional[str] = None, prompt: Optional[str] = None) -> Optional[str]:
+        """The text put before each sentence, as sentence-transformers chooses it: ``prompt``, else
+        the prompt named ``prompt_name``, else the default prompt's (None if there is none)."""
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt={prompt!r}; expected a str (the text put before each sentence)")
+            if prompt_name is not None:
+                logger.warning("Encode with either a `prompt`, a `prompt_name`, or neither, but not both. "
+                               "Ignoring the `prompt_name` in favor of `prompt`.")
+            return prompt
+        if prompt_name is None:
+            return self.prompts.get(self.default_prompt_name) if self.default_prompt_name is not None else None
+        if not isinstance(prompt_name, str):
+            raise TypeError(f"prompt_name={prompt_name!r}; expected a str, one of {list(self.prompts)!r}")
+        if prompt_name not in self.prompts:
+            raise ValueError(f"Prompt name '{prompt_name}' not found in the configured prompts dictionary with keys "
+                             f"{list(self.prompts)!r}.")
+        return self.prompts[prompt_name]
 
     def _token_embeddings(self, texts, single, batch_size):
         out = []

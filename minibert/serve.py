@@ -258,6 +258,15 @@ class Server:
             raise ClientError(422, f"'{field}' must be true or false; got {_kind(v)}")
         return v
 
+    def _prompted(self, texts: List[str], body, named: bool) -> List[str]:
+        """The texts with the prompt before each, as sentence-transformers: the request's
+        ``prompt_name`` (TEI's field; ``named`` routes), else the checkpoint's default prompt."""
+        try:
+            prompt = self.encoder.prompt_text(body.get("prompt_name") if named else None)
+        except (TypeError, ValueError) as e:
+            raise ClientError(422, f"'prompt_name': {e}") from None
+        return [prompt + t for t in texts] if prompt else texts
+
     def _dimensions(self, body) -> Optional[int]:
         """OpenAI's ``dimensions``: keep the first d components (normalized after, when the route
         normalizes), as OpenAI's and sentence-transformers' ``truncate_dim`` do. Only models trained
@@ -304,7 +313,7 @@ class Server:
     # -- routes -----------------------------------------------------------------------------------
     async def embed(self, request):
         body = await self._body(request)
-        texts = self._texts(body.get("inputs"), "inputs")
+        texts = self._prompted(self._texts(body.get("inputs"), "inputs"), body, named=True)
         normalize = self._flag(body, "normalize", True)
         truncate = self._flag(body, "truncate", False) or self.auto_truncate
         dims = self._dimensions(body)
@@ -319,7 +328,7 @@ class Server:
         value = body.get("input")
         if isinstance(value, list) and value and not isinstance(value[0], str):
             raise ClientError(422, "'input' as token ids is not supported; send strings")
-        texts = self._texts(value, "input")
+        texts = self._prompted(self._texts(value, "input"), body, named=False)  # OpenAI's API has no prompt names
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise ClientError(422, f"'encoding_format' must be 'float' or 'base64'; got {fmt!r}")
@@ -339,7 +348,7 @@ class Server:
 
     async def tokenize(self, request):
         body = await self._body(request)
-        texts = self._texts(body.get("inputs"), "inputs")
+        texts = self._prompted(self._texts(body.get("inputs"), "inputs"), body, named=True)  # what the model sees
         special = self._flag(body, "add_special_tokens", True)
         return await self._json(await self._off_loop(self.encoder.tokenizer.token_spans, texts, special))
 

@@ -3,6 +3,7 @@ sentence-transformers pools them."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -191,3 +192,56 @@ def test_pooling_config_with_several_modes_and_unsupported_modules(tmp_path, min
         {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
     with pytest.raises(NotImplementedError, match="sentence_transformers.models.Dense"):
         minibert.SentenceEncoder.from_pretrained(path)
+
+
+def prompts_dir(tmp_path, minilm_dir, **st_config):
+    """MiniLM's files (linked) with a config_sentence_transformers.json of ``st_config``."""
+    d = tmp_path / "minilm-prompts"
+    d.mkdir()
+    for f in minilm_dir.iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "config_sentence_transformers.json").write_text(json.dumps(st_config))
+    return d
+
+
+def test_prompts_as_sentence_transformers_applies_them(tmp_path, minilm_dir, caplog):
+    d = prompts_dir(tmp_path, minilm_dir, prompts={"query": "query: ", "passage": "passage: "},
+                    default_prompt_name=None)
+    enc = minibert.SentenceEncoder.from_pretrained(d)
+    assert enc.prompts == {"query": "query: ", "passage": "passage: "} and enc.default_prompt_name is None
+    by_hand = enc.encode(["query: " + t for t in SENTENCES[:4]])
+    assert np.array_equal(enc.encode(SENTENCES[:4], prompt_name="query"), by_hand)
+    assert np.array_equal(enc.encode(SENTENCES[:4], prompt="query: "), by_hand)
+    with caplog.at_level("WARNING"):  # both given: the prompt wins, with sentence-transformers' warning
+        assert np.array_equal(enc.encode(SENTENCES[:4], prompt="query: ", prompt_name="passage"), by_hand)
+    assert "Ignoring the `prompt_name` in favor of `prompt`" in caplog.text
+    plain = enc.encode(SENTENCES[:4])
+    assert not np.allclose(plain, by_hand)
+    with pytest.raises(ValueError, match=re.escape("Prompt name 'doc' not found in the configured prompts "
+                                                   "dictionary with keys ['query', 'passage'].")):
+        enc.encode(SENTENCES[:4], prompt_name="doc")
+    with pytest.raises(TypeError, match=r"prompt=5; expected a str"):
+        enc.encode(SENTENCES[:4], prompt=5)
+    with pytest.raises(TypeError, match=r"prompt_name=\['query'\]; expected a str"):
+        enc.encode(SENTENCES[:4], prompt_name=["query"])
+
+
+def test_the_default_prompt_applies_unless_an_empty_prompt_is_given(tmp_path, minilm_dir, encoder):
+    d = prompts_dir(tmp_path, minilm_dir, prompts={"query": "query: "}, default_prompt_name="query")
+    enc = minibert.SentenceEncoder.from_pretrained(d)
+    assert np.array_equal(enc.encode(SENTENCES[:3]), encoder.encode(["query: " + t for t in SENTENCES[:3]]))
+    assert np.array_equal(enc.encode(SENTENCES[:3], prompt=""), encoder.encode(SENTENCES[:3]))
+
+
+def test_prompt_configs_it_cannot_honour_are_errors(tmp_path, minilm_dir):
+    d = prompts_dir(tmp_path, minilm_dir, prompts={"query": "query: "}, default_prompt_name="passage")
+    with pytest.raises(ValueError, match=re.escape("Default prompt name 'passage' not found in the configured "
+                                                   "prompts dictionary with keys ['query'].")):
+        minibert.SentenceEncoder.from_pretrained(d)
+    (d / "1_Pooling").unlink()  # a Pooling that leaves the prompt's tokens out (INSTRUCTOR-style)
+    (d / "1_Pooling").mkdir()
+    cfg = json.loads((minilm_dir / "1_Pooling" / "config.json").read_text())
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({**cfg, "include_prompt": False}))
+    (d / "config_sentence_transformers.json").write_text("{}")
+    with pytest.raises(NotImplementedError, match="Pooling with include_prompt=false is not implemented"):
+        minibert.SentenceEncoder.from_pretrained(d)

@@ -154,6 +154,9 @@ def test_tokenize_info_health_metrics(server, encoder):
     ("/embed", {"inputs": "a", "dimensions": True}, None, 422, "'dimensions' must be an integer"),
     ("/embed", {"inputs": "a", "dimensions": "64"}, None, 422, "got '64'"),
     ("/tokenize", {"inputs": None}, None, 422, "got null"),
+    ("/embed", {"inputs": "a", "prompt_name": "query"}, None, 422,
+     "'prompt_name': Prompt name 'query' not found in the configured prompts dictionary with keys []."),
+    ("/tokenize", {"inputs": "a", "prompt_name": 3}, None, 422, "'prompt_name': prompt_name=3; expected a str"),
     ("/nope", {}, None, 404, "not found"),
 ])
 def test_errors_are_json_with_the_limit(server, path, body, raw, status, phrase):
@@ -285,6 +288,29 @@ def test_a_port_in_use_is_an_error_before_the_model_loads(minilm_dir):
     assert r.returncode == 1, (r.returncode, r.stderr)
     assert f"cannot listen on 127.0.0.1:{port} (--host, --port): Address already in use" in r.stderr, r.stderr
     assert "serving on" not in r.stderr, r.stderr  # failed before loading, not after
+
+
+def test_prompts_by_name_and_the_default_one(tmp_path, minilm_dir, encoder):
+    d = tmp_path / "minilm-prompts"  # MiniLM with sentence-transformers prompts, "query" the default
+    d.mkdir()
+    for f in minilm_dir.iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "query"}))
+    s = Server(d)
+    try:
+        status, got = s.request("POST", "/embed", {"inputs": TEXTS[:3], "prompt_name": "passage"})
+        assert status == 200 and cos(got, encoder.encode(["passage: " + t for t in TEXTS[:3]])).min() >= COSINE
+        status, body = s.request("POST", "/v1/embeddings", {"input": TEXTS[:3]})  # the default prompt
+        assert status == 200
+        assert cos([v["embedding"] for v in body["data"]], encoder.encode(["query: " + t for t in TEXTS[:3]])).min() \
+            >= COSINE
+        status, toks = s.request("POST", "/tokenize", {"inputs": "hi"})
+        assert status == 200 and [t["text"] for t in toks[0]] == ["[CLS]", "query", ":", "hi", "[SEP]"]
+        status, err = s.request("POST", "/embed", {"inputs": "hi", "prompt_name": "doc"})
+        assert status == 422 and "with keys ['query', 'passage']" in err["error"]
+    finally:
+        s.stop()
 
 
 @pytest.mark.parametrize("missing", ["orjson", "uvicorn"])
