@@ -198,8 +198,10 @@ def prompts_dir(tmp_path, minilm_dir, **st_config):
     """MiniLM's files (linked) with a config_sentence_transformers.json of ``st_config``."""
     d = tmp_path / "minilm-prompts"
     d.mkdir()
-    for f in minilm_dir.iterdir():
-        (d / f.name).symlink_to(f)
+    for f in minilm_dir.iterdir():  # links, never written through: the files written here are new
+        if f.name not in ("config_sentence_transformers.json", "1_Pooling"):
+            (d / f.name).symlink_to(f)
+    shutil.copytree(minilm_dir / "1_Pooling", d / "1_Pooling")
     (d / "config_sentence_transformers.json").write_text(json.dumps(st_config))
     return d
 
@@ -238,9 +240,8 @@ def test_prompt_configs_it_cannot_honour_are_errors(tmp_path, minilm_dir):
     with pytest.raises(ValueError, match=re.escape("Default prompt name 'passage' not found in the configured "
                                                    "prompts dictionary with keys ['query'].")):
         minibert.SentenceEncoder.from_pretrained(d)
-    (d / "1_Pooling").unlink()  # a Pooling that leaves the prompt's tokens out (INSTRUCTOR-style)
-    (d / "1_Pooling").mkdir()
-    cfg = json.loads((minilm_dir / "1_Pooling" / "config.json").read_text())
+    cfg = json.loads((minilm_dir / "1_Pooling" / "config.json").read_text())  # a Pooling that leaves the
+    # prompt's tokens out (INSTRUCTOR-style)
     (d / "1_Pooling" / "config.json").write_text(json.dumps({**cfg, "include_prompt": False}))
     (d / "config_sentence_transformers.json").write_text("{}")
     with pytest.raises(NotImplementedError, match="Pooling with include_prompt=false is not implemented"):
