@@ -280,13 +280,23 @@ class Server:
         return d
 
     async def _vectors(self, texts: List[str], truncate: bool):
-        """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used."""
-        x, tokens = await self._off_loop(self._tokenized, texts, truncate)
-        return await asyncio.wrap_future(self.engine.submit(x, tokens)), tokens
+        """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used. A request
+        over ``max_batch_tokens`` goes to the model in parts within it (each text fits: run() checks)."""
+        x, lengths = await self._off_loop(self._tokenized, texts, truncate)
+        parts, start, used = [], 0, 0
+        for i, n in enumerate(lengths.tolist()):
+            if used and used + n > self.max_batch_tokens:
+                parts.append((start, i))
+                start, used = i, 0
+            used += n
+        parts.append((start, len(lengths)))
+        futures = [self.engine.submit({k: v[a:b] for k, v in x.items()}, int(lengths[a:b].sum())) for a, b in parts]
+        vecs = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        return (vecs[0] if len(vecs) == 1 else np.concatenate(vecs)), int(lengths.sum())
 
     def _tokenized(self, texts: List[str], truncate: bool):
-        """The texts as the model's [n, T] inputs, truncated to the model's limit, and their tokens;
-        without ``truncate`` a text over the limit is a 413."""
+        """The texts as the model's [n, T] inputs, truncated to the model's limit, and each one's
+        tokens [n]; without ``truncate`` a text over the limit is a 413."""
         tok, limit = self.encoder.tokenizer, self.encoder.max_seq_length
         x = tok(texts, padding=True, truncation=True, max_length=limit)
         lengths = x["attention_mask"].sum(axis=1)
@@ -296,7 +306,7 @@ class Server:
                 if n > limit:
                     raise ClientError(413, f"input {i} has {n} tokens; the limit is {limit}: send \"truncate\": true "
                                            "or start the server with --auto-truncate")
-        return x, int(lengths.sum())
+        return x, lengths
 
     async def _off_loop(self, fn, *args):  # CPU work of a request, off the event loop
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -395,6 +405,9 @@ def run(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, 
     runtime.compile_here()  # /health waits for the compiled kernels: compile them in this process
     t0 = time.perf_counter()
     encoder = SentenceEncoder.from_pretrained(model, dtype=dtype, kernels=kernels)
+    if max_batch_tokens < encoder.max_seq_length:
+        raise SystemExit(f"minibert serve: --max-batch-tokens {max_batch_tokens} is less than the model's input limit "
+                         f"({encoder.max_seq_length} tokens): a text that long would fit no batch")
     encoder.encode(["warm up", "the kernels compile on first use"], normalize=False)
     server = Server(encoder, model or DEFAULT_MODEL, max_batch_tokens, max_client_batch_size, auto_truncate, api_key)
     log.info("model %s ready in %.2f s; serving on http://%s:%d", model or DEFAULT_MODEL, time.perf_counter() - t0,

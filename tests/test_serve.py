@@ -290,6 +290,27 @@ def test_a_port_in_use_is_an_error_before_the_model_loads(minilm_dir):
     assert "serving on" not in r.stderr, r.stderr  # failed before loading, not after
 
 
+def test_a_request_over_the_batch_budget_runs_in_parts_within_it(minilm_dir, encoder):
+    texts = [f"{i}: " + " ".join(["a long input that keeps going"] * 9) for i in range(8)]  # ~60 tokens each
+    assert encoder.tokenizer.lengths(texts).sum() > 256
+    s = Server(minilm_dir, "--max-batch-tokens", "256")  # MiniLM's input limit: the least it accepts
+    try:
+        status, got = s.request("POST", "/embed", {"inputs": texts})
+        assert status == 200 and cos(got, encoder.encode(texts)).min() >= COSINE
+        metrics = s.request("GET", "/metrics")[1]
+        calls = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines()
+                 if ln.startswith("minibert_batch_tokens_")}
+        n = calls["minibert_batch_tokens_count"]
+        assert n >= 2, calls  # this request took two model calls or more (the warm-up is not counted)
+        assert calls['minibert_batch_tokens_bucket{le="256.0"}'] == n, calls  # every call within the budget
+    finally:
+        s.stop()
+    r = subprocess.run([sys.executable, "-m", "minibert", "serve", "--model", str(minilm_dir), "--port", str(free_port()),
+                        "--max-batch-tokens", "100"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--max-batch-tokens 100 is less than the model's input limit (256 tokens)" in r.stderr, \
+        r.stderr
+
+
 def test_prompts_by_name_and_the_default_one(tmp_path, minilm_dir, encoder):
     d = tmp_path / "minilm-prompts"  # MiniLM with sentence-transformers prompts, "query" the default
     d.mkdir()
