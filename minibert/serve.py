@@ -167,6 +167,7 @@ class Server:
         self.encoder, self.model_id = encoder, model_id
         self.max_batch_tokens, self.max_client_batch_size = max_batch_tokens, max_client_batch_size
         self.auto_truncate, self.api_key, self.version = auto_truncate, api_key, __version__
+        self.started = int(time.time())  # OpenAI's "created" of the one model served
         self.metrics = Metrics()
         self.engine = Engine(encoder, max_batch_tokens, self.metrics.batch)
         # two threads for tokenizing and JSON: the cores belong to the model; more threads only
@@ -193,6 +194,7 @@ class Server:
                   Route("/tokenize", self._route("/tokenize", self.tokenize), methods=["POST"]),
                   Route("/health", self._route("/health", self.health, auth=False), methods=["GET"]),
                   Route("/info", self._route("/info", self.info), methods=["GET"]),
+                  Route("/v1/models", self._route("/v1/models", self.models), methods=["GET"]),
                   Route("/metrics", self._route("/metrics", self.prometheus), methods=["GET"])]
         async def not_found(request, exc):  # unknown routes and methods answer JSON too
             from starlette.responses import JSONResponse
@@ -374,6 +376,10 @@ class Server:
                                  "max_client_batch_size": self.max_client_batch_size,
                                  "auto_truncate": self.auto_truncate, "version": self.version,
                                  "engine": "minibert"})
+
+    async def models(self, request):  # OpenAI's model list, which OpenAI clients may ask for first
+        return await self._json({"object": "list", "data": [{"id": self.model_id, "object": "model",
+                                                             "created": self.started, "owned_by": "minibert"}]})
 
     async def prometheus(self, request):
         from starlette.responses import Response

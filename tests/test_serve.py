@@ -131,6 +131,10 @@ def test_tokenize_info_health_metrics(server, encoder):
     status, info = server.request("GET", "/info")
     assert status == 200 and info["dimension"] == 384 and info["max_input_length"] == 256
     assert info["max_batch_tokens"] == 2048 and info["max_client_batch_size"] == 8 and info["version"]
+    status, models = server.request("GET", "/v1/models")
+    assert status == 200 and models["object"] == "list" and len(models["data"]) == 1
+    assert models["data"][0]["id"] == info["model_id"] and models["data"][0]["object"] == "model"
+    assert isinstance(models["data"][0]["created"], int)
     assert server.request("GET", "/health")[0] == 200
     status, text = server.request("GET", "/metrics")
     assert status == 200 and 'minibert_requests_total{route="/embed",status="200"}' in text
@@ -237,6 +241,7 @@ def test_api_key(minilm_dir):
         assert status == 401 and payload["error_type"] == "Unauthorized" and "Bearer" in payload["error"]
         assert s.request("POST", "/embed", {"inputs": "hi"}, headers={"Authorization": "Bearer nope"})[0] == 401
         assert s.request("POST", "/embed", {"inputs": "hi"}, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert s.request("GET", "/v1/models")[0] == 401
         assert s.request("GET", "/health")[0] == 200  # probes need no key
     finally:
         s.stop()
