@@ -63,6 +63,12 @@ def _read_json(path: Path) -> Dict:
     return d if isinstance(d, dict) else {}
 
 
+def _side(name: str, value) -> str:
+    if value not in ("right", "left"):
+        raise ValueError(f"{name}={value!r}; expected 'right' or 'left'")
+    return value
+
+
 def _token_str(v) -> Optional[str]:
     # special tokens are saved as plain strings or as {"content": "[CLS]", ...}
     if isinstance(v, dict):
@@ -75,7 +81,7 @@ class BertTokenizer:
     truncation=None, max_length=None, return_tensors=None, ...)``."""
 
     def __init__(self, backend, *, model_max_length: Optional[int] = None, special_tokens: Optional[Dict] = None,
-                 name_or_path: Optional[str] = None):
+                 name_or_path: Optional[str] = None, padding_side: str = "right", truncation_side: str = "right"):
         from tokenizers import Tokenizer
 
         if not isinstance(backend, Tokenizer):
@@ -87,6 +93,9 @@ class BertTokenizer:
         self._lock = threading.Lock()
         self.model_max_length = model_max_length if model_max_length is not None else _NO_LIMIT
         self.name_or_path = name_or_path
+        # transformers' attributes, settable later as there: which end gets the padding, which the cut
+        self.padding_side, self.truncation_side = _side("padding_side", padding_side), \
+            _side("truncation_side", truncation_side)
         specials = {**_DEFAULT_SPECIALS, **(special_tokens or {})}
         for name in _SPECIALS:
             setattr(self, name, specials.get(name))
@@ -122,7 +131,8 @@ class BertTokenizer:
         if not isinstance(mml, int) or isinstance(mml, bool) or mml <= 0 or mml > _NO_LIMIT:
             mml = None
         name = os.fspath(name_or_path) if name_or_path is not None else str(d)
-        return cls(backend, model_max_length=mml, special_tokens=specials, name_or_path=name)
+        return cls(backend, model_max_length=mml, special_tokens=specials, name_or_path=name,
+                   padding_side=cfg.get("padding_side", "right"), truncation_side=cfg.get("truncation_side", "right"))
 
     # -- vocabulary -----------------------------------------------------------------------------
     @property
@@ -244,7 +254,8 @@ class BertTokenizer:
         """A copy of the backend with these truncation and padding settings, made once and never
         changed after: the settings live on the Rust tokenizer, so switching them on one shared
         tokenizer per call would race between threads tokenizing at once."""
-        key = (trunc, max_length, pad, pad_to_multiple_of)
+        sides = _side("padding_side", self.padding_side), _side("truncation_side", self.truncation_side)
+        key = (trunc, max_length, pad, pad_to_multiple_of, sides)
         tok = self._configs.get(key)
         if tok is not None:
             return tok
@@ -252,11 +263,11 @@ class BertTokenizer:
 
         tok = Tokenizer.from_str(self._tok.to_str())
         if trunc:
-            tok.enable_truncation(max_length, strategy=trunc)
+            tok.enable_truncation(max_length, strategy=trunc, direction=sides[1])
         if pad:
             tok.enable_padding(pad_id=self.pad_token_id, pad_token=self.pad_token, pad_type_id=0,
                                length=max_length if pad == "max_length" else None,
-                               pad_to_multiple_of=pad_to_multiple_of)
+                               pad_to_multiple_of=pad_to_multiple_of, direction=sides[0])
         with self._lock:
             if len(self._configs) >= 64:  # many distinct max_length values: start over
                 self._configs.clear()

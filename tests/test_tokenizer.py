@@ -1,6 +1,7 @@
 """BertTokenizer against transformers' AutoTokenizer on the real all-MiniLM-L6-v2 files."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -81,6 +82,37 @@ def test_pairs_identical(ours, theirs, kwargs):
     assert a["token_type_ids"].max() == 1
     single = ours(PAIRS[0][0], PAIRS[0][1])
     same(single, theirs(PAIRS[0][0], PAIRS[0][1], return_tensors="np"), "one pair")
+
+
+@pytest.mark.parametrize("pad,cut", [("left", "right"), ("right", "left"), ("left", "left")])
+def test_padding_and_truncation_sides_as_transformers(minilm_dir, tmp_path, pad, cut):
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(minilm_dir), padding_side=pad, truncation_side=cut)
+    plain = BertTokenizer.from_pretrained(minilm_dir)
+    plain.padding_side, plain.truncation_side = pad, cut  # set after loading, as transformers allows
+    for f in ("tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / f, tmp_path)
+    cfg = json.loads((minilm_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "padding_side": pad, "truncation_side": cut}))
+    first, second = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    for ours in (BertTokenizer.from_pretrained(minilm_dir, padding_side=pad, truncation_side=cut), plain,
+                 BertTokenizer.from_pretrained(tmp_path)):  # by argument, by attribute, from the config
+        assert (ours.padding_side, ours.truncation_side) == (pad, cut)
+        for kwargs in (dict(padding=True, truncation=True, max_length=16),
+                       dict(padding="max_length", truncation=True, max_length=40)):
+            same(ours(AWKWARD, **kwargs), theirs(AWKWARD, return_tensors="np", **kwargs), f"{pad}/{cut} {kwargs}")
+        kwargs = dict(padding=True, truncation=True, max_length=12)
+        same(ours(first, second, **kwargs), theirs(first, second, return_tensors="np", **kwargs), f"{pad}/{cut} pairs")
+
+
+def test_a_side_other_than_left_or_right_is_an_error(minilm_dir):
+    with pytest.raises(ValueError, match=r"padding_side='top'; expected 'right' or 'left'"):
+        BertTokenizer.from_pretrained(minilm_dir, padding_side="top")
+    tok = BertTokenizer.from_pretrained(minilm_dir)
+    tok.truncation_side = "middle"
+    with pytest.raises(ValueError, match=r"truncation_side='middle'; expected 'right' or 'left'"):
+        tok(["a b c"], truncation=True, max_length=2)
 
 
 def test_max_length_with_padding_but_no_truncation_warns_and_is_ignored(ours, theirs):
