@@ -14,6 +14,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import copy
 import json
 import logging
 import threading
@@ -170,6 +171,11 @@ class Server:
         self.started = int(time.time())  # OpenAI's "created" of the one model served
         self.metrics = Metrics()
         self.engine = Engine(encoder, max_batch_tokens, self.metrics.batch)
+        # TEI's truncation_direction: a view of the tokenizer per side (they share its configured
+        # copies, so no request changes what another one gets)
+        self._cut = {side: copy.copy(encoder.tokenizer) for side in ("right", "left")}
+        for side, tok in self._cut.items():
+            tok.truncation_side = side
         # two threads for tokenizing and JSON: the cores belong to the model; more threads only
         # add memory (a malloc arena each) and contention
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="minibert-http")
@@ -281,10 +287,10 @@ class Server:
                                    f"got {d!r}")
         return d
 
-    async def _vectors(self, texts: List[str], truncate: bool):
+    async def _vectors(self, texts: List[str], truncate: bool, side: str = "right"):
         """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used. A request
         over ``max_batch_tokens`` goes to the model in parts within it (each text fits: run() checks)."""
-        x, lengths = await self._off_loop(self._tokenized, texts, truncate)
+        x, lengths = await self._off_loop(self._tokenized, texts, truncate, side)
         parts, start, used = [], 0, 0
         for i, n in enumerate(lengths.tolist()):
             if used and used + n > self.max_batch_tokens:
@@ -296,10 +302,17 @@ class Server:
         vecs = await asyncio.gather(*map(asyncio.wrap_future, futures))
         return (vecs[0] if len(vecs) == 1 else np.concatenate(vecs)), int(lengths.sum())
 
-    def _tokenized(self, texts: List[str], truncate: bool):
-        """The texts as the model's [n, T] inputs, truncated to the model's limit, and each one's
-        tokens [n]; without ``truncate`` a text over the limit is a 413."""
-        tok, limit = self.encoder.tokenizer, self.encoder.max_seq_length
+    def _direction(self, body) -> str:
+        """TEI's ``truncation_direction``: "right" (the default) or "left" (the end of a text kept)."""
+        v = body.get("truncation_direction", "right")
+        if not isinstance(v, str) or v.lower() not in self._cut:
+            raise ClientError(422, f"'truncation_direction' must be 'right' or 'left'; got {v!r}")
+        return v.lower()
+
+    def _tokenized(self, texts: List[str], truncate: bool, side: str = "right"):
+        """The texts as the model's [n, T] inputs, truncated to the model's limit (cut on ``side``),
+        and each one's tokens [n]; without ``truncate`` a text over the limit is a 413."""
+        tok, limit = self._cut[side], self.encoder.max_seq_length
         x = tok(texts, padding=True, truncation=True, max_length=limit)
         lengths = x["attention_mask"].sum(axis=1)
         if not truncate:
@@ -328,8 +341,8 @@ class Server:
         texts = self._prompted(self._texts(body.get("inputs"), "inputs"), body, named=True)
         normalize = self._flag(body, "normalize", True)
         truncate = self._flag(body, "truncate", False) or self.auto_truncate
-        dims = self._dimensions(body)
-        vecs, _ = await self._vectors(texts, truncate)
+        dims, side = self._dimensions(body), self._direction(body)
+        vecs, _ = await self._vectors(texts, truncate, side)
         vecs = vecs[:, :dims]
         if normalize:
             vecs = P.normalize(vecs)

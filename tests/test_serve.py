@@ -3,6 +3,7 @@ a client that disconnects, SIGTERM under load. The vectors against SentenceEncod
 from __future__ import annotations
 
 import base64
+import copy
 import http.client
 import json
 import os
@@ -176,6 +177,21 @@ def test_the_limit_itself_passes_one_more_token_is_413(server, encoder):
     assert status == 200 and cos(got[1], encoder.encode(at)) >= COSINE
     status, payload = server.request("POST", "/embed", {"inputs": [at, "hi", over]})
     assert status == 413 and "input 2 has 257 tokens; the limit is 256" in payload["error"], payload
+
+
+def test_truncation_direction_left_keeps_the_end(server, encoder):
+    long = " ".join(f"word{i}" for i in range(400))  # past MiniLM's 256 tokens
+    left = copy.copy(encoder.tokenizer)
+    left.truncation_side = "left"
+    want = SentenceEncoder(encoder.model, left, encoder.pooling, encoder.normalize, encoder.max_seq_length).encode([long])
+    for direction in ("left", "Left"):  # TEI writes its enum capitalized
+        status, got = server.request("POST", "/embed", {"inputs": long, "truncate": True,
+                                                         "truncation_direction": direction})
+        assert status == 200 and cos(got, want).min() >= COSINE
+    status, got = server.request("POST", "/embed", {"inputs": long, "truncate": True})
+    assert status == 200 and cos(got, encoder.encode([long])).min() >= COSINE and cos(got, want).min() < 0.99
+    status, err = server.request("POST", "/embed", {"inputs": "a", "truncation_direction": "up"})
+    assert status == 422 and "'truncation_direction' must be 'right' or 'left'; got 'up'" in err["error"]
 
 
 def test_truncate_on_request_and_get_on_a_post_route(server, encoder):
