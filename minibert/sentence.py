@@ -138,10 +138,10 @@ class SentenceEncoder:
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
         self.max_seq_length = min(max_seq_length or limit, limit)
         # sentence-transformers' prompts: text put before each sentence, by name ("query": "query: ")
-        if not isinstance(prompts or {}, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                          for k, v in (prompts or {}).items()):
+        prompts = {} if prompts is None else prompts
+        if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
             raise TypeError(f"prompts={prompts!r}; expected a dict of prompt name -> prompt text (str -> str)")
-        self.prompts, self.default_prompt_name = dict(prompts or {}), default_prompt_name
+        self.prompts, self.default_prompt_name = dict(prompts), default_prompt_name
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(f"Default prompt name '{default_prompt_name}' not found in the configured prompts "
                              f"dictionary with keys {list(self.prompts)!r}.")
@@ -192,32 +192,32 @@ class SentenceEncoder:
         if normalize_embeddings and normalize is None:
             normalize = True
         texts, single = _texts(sentences, batch_size)
-        text = self.prompt_text(prompt_name, prompt)
-        if text:
-            texts = [text + t for t in texts]
+        texts = self.with_prompt(texts, prompt_name, prompt)
         if output_value == "token_embeddings":
             return self._token_embeddings(texts, single, batch_size)
         out = self._encode(texts, single, batch_size, pooling, normalize, bool(show_progress_bar))
         return out if convert_to_numpy or out.ndim == 1 else list(out)
 
-    def prompt_text(self, prompt_name: Optional[str] = None, prompt: Optional[str] = None) -> Optional[str]:
-        """The text put before each sentence, as sentence-transformers chooses it: ``prompt``, else
-        the prompt named ``prompt_name``, else the default prompt's (None if there is none)."""
+    def with_prompt(self, texts: List[str], prompt_name: Optional[str] = None,
+                    prompt: Optional[str] = None) -> List[str]:
+        """``texts`` with the prompt before each, chosen as sentence-transformers chooses it:
+        ``prompt``, else the prompt named ``prompt_name``, else the default prompt (if any)."""
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt={prompt!r}; expected a str (the text put before each sentence)")
             if prompt_name is not None:
                 logger.warning("Encode with either a `prompt`, a `prompt_name`, or neither, but not both. "
                                "Ignoring the `prompt_name` in favor of `prompt`.")
-            return prompt
-        if prompt_name is None:
-            return self.prompts.get(self.default_prompt_name) if self.default_prompt_name is not None else None
-        if not isinstance(prompt_name, str):
-            raise TypeError(f"prompt_name={prompt_name!r}; expected a str, one of {list(self.prompts)!r}")
-        if prompt_name not in self.prompts:
-            raise ValueError(f"Prompt name '{prompt_name}' not found in the configured prompts dictionary with keys "
-                             f"{list(self.prompts)!r}.")
-        return self.prompts[prompt_name]
+        elif prompt_name is not None:
+            if not isinstance(prompt_name, str):
+                raise TypeError(f"prompt_name={prompt_name!r}; expected a str, one of {list(self.prompts)!r}")
+            if prompt_name not in self.prompts:
+                raise ValueError(f"Prompt name '{prompt_name}' not found in the configured prompts dictionary with "
+                                 f"keys {list(self.prompts)!r}.")
+            prompt = self.prompts[prompt_name]
+        elif self.default_prompt_name is not None:
+            prompt = self.prompts[self.default_prompt_name]
+        return [prompt + t for t in texts] if prompt else texts
 
     def _token_embeddings(self, texts, single, batch_size):
         out = []

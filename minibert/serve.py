@@ -270,10 +270,9 @@ class Server:
         """The texts with the prompt before each, as sentence-transformers: the request's
         ``prompt_name`` (TEI's field; ``named`` routes), else the checkpoint's default prompt."""
         try:
-            prompt = self.encoder.prompt_text(body.get("prompt_name") if named else None)
+            return self.encoder.with_prompt(texts, body.get("prompt_name") if named else None)
         except (TypeError, ValueError) as e:
             raise ClientError(422, f"'prompt_name': {e}") from None
-        return [prompt + t for t in texts] if prompt else texts
 
     def _dimensions(self, body) -> Optional[int]:
         """OpenAI's ``dimensions``: keep the first d components (normalized after, when the route
@@ -287,7 +286,7 @@ class Server:
                                    f"got {d!r}")
         return d
 
-    async def _vectors(self, texts: List[str], truncate: bool, side: str = "right"):
+    async def _vectors(self, texts: List[str], truncate: bool, side: Optional[str] = None):
         """[n, H] float32 raw pooled vectors (no normalization) and the tokens they used. A request
         over ``max_batch_tokens`` goes to the model in parts within it (each text fits: run() checks)."""
         x, lengths = await self._off_loop(self._tokenized, texts, truncate, side)
@@ -302,17 +301,20 @@ class Server:
         vecs = await asyncio.gather(*map(asyncio.wrap_future, futures))
         return (vecs[0] if len(vecs) == 1 else np.concatenate(vecs)), int(lengths.sum())
 
-    def _direction(self, body) -> str:
-        """TEI's ``truncation_direction``: "right" (the default) or "left" (the end of a text kept)."""
-        v = body.get("truncation_direction", "right")
+    def _direction(self, body) -> Optional[str]:
+        """TEI's ``truncation_direction``: "right" or "left" (the end of a text kept); None: the
+        tokenizer's own side, as ``SentenceEncoder.encode`` cuts."""
+        v = body.get("truncation_direction")
+        if v is None:
+            return None
         if not isinstance(v, str) or v.lower() not in self._cut:
             raise ClientError(422, f"'truncation_direction' must be 'right' or 'left'; got {v!r}")
         return v.lower()
 
-    def _tokenized(self, texts: List[str], truncate: bool, side: str = "right"):
+    def _tokenized(self, texts: List[str], truncate: bool, side: Optional[str] = None):
         """The texts as the model's [n, T] inputs, truncated to the model's limit (cut on ``side``),
         and each one's tokens [n]; without ``truncate`` a text over the limit is a 413."""
-        tok, limit = self._cut[side], self.encoder.max_seq_length
+        tok, limit = self._cut.get(side, self.encoder.tokenizer), self.encoder.max_seq_length
         x = tok(texts, padding=True, truncation=True, max_length=limit)
         lengths = x["attention_mask"].sum(axis=1)
         if not truncate:

@@ -235,7 +235,9 @@ def test_the_default_prompt_applies_unless_an_empty_prompt_is_given(tmp_path, mi
     assert np.array_equal(enc.encode(SENTENCES[:3], prompt=""), encoder.encode(SENTENCES[:3]))
 
 
-def test_prompt_configs_it_cannot_honour_are_errors(tmp_path, minilm_dir):
+def test_prompt_configs_it_cannot_honour_are_errors(tmp_path, minilm_dir, encoder):
+    with pytest.raises(TypeError, match=r"prompts=\['query: '\]; expected a dict of prompt name -> prompt text"):
+        minibert.SentenceEncoder(encoder.model, encoder.tokenizer, prompts=["query: "])
     d = prompts_dir(tmp_path, minilm_dir, prompts={"query": "query: "}, default_prompt_name="passage")
     with pytest.raises(ValueError, match=re.escape("Default prompt name 'passage' not found in the configured "
                                                    "prompts dictionary with keys ['query'].")):

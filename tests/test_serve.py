@@ -194,6 +194,24 @@ def test_truncation_direction_left_keeps_the_end(server, encoder):
     assert status == 422 and "'truncation_direction' must be 'right' or 'left'; got 'up'" in err["error"]
 
 
+def test_without_a_direction_the_checkpoint_s_tokenizer_cuts(tmp_path, minilm_dir):
+    d = tmp_path / "minilm-left"  # MiniLM whose tokenizer_config.json asks for left truncation
+    d.mkdir()
+    for f in minilm_dir.iterdir():  # links, never written through
+        if f.name != "tokenizer_config.json":
+            (d / f.name).symlink_to(f)
+    cfg = json.loads((minilm_dir / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "truncation_side": "left"}))
+    long = " ".join(f"word{i}" for i in range(400))
+    want = SentenceEncoder.from_pretrained(d).encode([long])  # cut on the left, as its tokenizer says
+    s = Server(d)
+    try:
+        status, got = s.request("POST", "/embed", {"inputs": long, "truncate": True})
+        assert status == 200 and cos(got, want).min() >= COSINE
+    finally:
+        s.stop()
+
+
 def test_truncate_on_request_and_get_on_a_post_route(server, encoder):
     long = "word " * 300
     status, got = server.request("POST", "/embed", {"inputs": long, "truncate": True})
