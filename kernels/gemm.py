@@ -335,9 +335,13 @@ def gemm_packed(x, panels, out, bias=None, act=NONE, ln=None):
 BLOCK_BYTES = 2 << 20  # at most about this much of x per row block, so a block stays in the L3 cache
 
 
-def block_rows(x):  # rows per block: equal blocks (equal tasks), a multiple of the tile's rows
-    blocks = max(1, -(-x.nbytes // BLOCK_BYTES))
-    rows = -(-x.shape[0] // blocks)
+def block_rows(x):
+    return rows_per_block(x.shape[0], x.nbytes)
+
+
+def rows_per_block(n, nbytes):  # of an x of n rows: equal blocks (equal tasks), a multiple of the tile's rows
+    blocks = max(1, -(-nbytes // BLOCK_BYTES))
+    rows = -(-n // blocks)
     return max(TILE_ROWS, -(-rows // TILE_ROWS) * TILE_ROWS)
 
 

@@ -30,11 +30,12 @@ returns (a patch's replacement, or the same array).
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
 from .kernels import dense as _dense
+from .kernels.layer import prepare_layer
 
 
 def linear(x, weight, bias):  # [..., in], [out, in], [out] -> [..., out]
@@ -120,6 +121,9 @@ class LayerDense(NamedTuple):
     attention_output: Callable  # (context [N, H], x [N, H]) -> LayerNorm(context·Wᵀ + b + x)
     intermediate: Callable      # a [N, H] -> act(a·Wᵀ + b) [N, I]
     output: Callable            # (h [N, I], a [N, H]) -> LayerNorm(h·Wᵀ + b + a)
+    # (x, starts, mask, n_head) -> the layer's output: the four above and the attention kernel in
+    # one call, for up to whole.max_rows rows (kernels/layer.py); None: the layer runs op by op
+    whole: Optional[Callable] = None
 
 
 def dense(k, weight, bias, act=None, ln=None):
@@ -151,9 +155,10 @@ def layer_dense(lp, act, eps, k, fused=None) -> LayerDense:
     s, o, it, ou = lp["attention"]["self"], lp["attention"]["output"], lp["intermediate"]["dense"], lp["output"]
     qkv = dense(k, *fused) if fused is not None else partial(_qkv_unfused, k["gemm"], s["query"], s["key"], s["value"])
     ln1, ln2 = o["LayerNorm"], ou["LayerNorm"]
-    return LayerDense(qkv, dense(k, o["dense"]["weight"], o["dense"]["bias"], ln=(ln1["weight"], ln1["bias"], eps)),
-                      dense(k, it["weight"], it["bias"], act),
-                      dense(k, ou["dense"]["weight"], ou["dense"]["bias"], ln=(ln2["weight"], ln2["bias"], eps)))
+    parts = (qkv, dense(k, o["dense"]["weight"], o["dense"]["bias"], ln=(ln1["weight"], ln1["bias"], eps)),
+             dense(k, it["weight"], it["bias"], act),
+             dense(k, ou["dense"]["weight"], ou["dense"]["bias"], ln=(ln2["weight"], ln2["bias"], eps)))
+    return LayerDense(*parts, prepare_layer(*parts, k.get("attention")))
 
 
 def _qkv_unfused(gemm, query, key, value, x):  # [N, H] -> [N, 3H]: three GEMMs into the column blocks
@@ -218,6 +223,9 @@ def attention_block(x, batch: Batch, d: LayerDense, n_head, k, keep_probs=False,
 
 def layer(x, batch: Batch, d: LayerDense, n_head, k, keep_probs=False, tap=None, name="", head_mask=None):
     # [N, H] -> [N, H], [B, nH, T, T] or None
+    if d.whole is not None and x.shape[0] <= d.whole.max_rows and not (keep_probs or tap or head_mask is not None):
+        # the steps below in one call, the same kernels in the same order (a few rows' Python counts)
+        return d.whole(x, batch.starts, None if batch.is_packed else batch.mask, n_head), None
     a, probs = attention_block(x, batch, d, n_head, k, keep_probs, tap, name + ".attention", head_mask)  # [N, H]
     h = d.intermediate(a)  # [N, I]: act(a·Wᵀ + b)
     if tap:

@@ -187,9 +187,10 @@ def test_loaded_weights_are_read_only_and_a_new_one_takes_effect(tiny_dir):
 
 def test_dense_layers_made_at_load_give_the_per_call_kernels_values_and_follow_assigned_weights(tiny_dir):
     """Each layer's dense layers are made once, at load (packed weights, kernel arguments ready:
-    model.layer_dense). They must give exactly what the kernel set's own ops give when called on
-    the arrays each pass, packed and dense batches alike (with and without padding keys masked,
-    and above 256 rows, where the activation is a pass of its own), and must be made again when a
+    model.layer_dense; up to 256 rows a layer runs in one call, kernels/layer.py). They must give
+    exactly what the kernel set's own ops give when called on the arrays each pass, packed and
+    dense batches alike (with and without padding keys masked, and above 256 rows, where the
+    activation is a pass of its own and the layer runs op by op), and must be made again when a
     weight or LayerNorm parameter is assigned: a read-only one packed, a writable one read as is."""
     import torch
 
@@ -197,17 +198,19 @@ def test_dense_layers_made_at_load_give_the_per_call_kernels_values_and_follow_a
     from minibert.config import ACTIVATIONS
     from minibert.inputs import prepare_inputs
     from minibert.kernels.dense import Prepared
+    from minibert.kernels.layer import PreparedLayer
 
     rng = np.random.default_rng(8)
     ids, mask, _ = random_batch(rng, TINY, B=2, T=6)
     big_ids, big_mask, _ = random_batch(rng, TINY, B=6, T=50, pad=False)  # 300 rows
     ours = BertModel.from_pretrained(tiny_dir)
-    assert all(isinstance(f, Prepared) for layer in ours.encoder.layer for f in layer.dense)
+    assert all(isinstance(f, Prepared) for layer in ours.encoder.layer for f in layer.dense[:4])
+    assert all(isinstance(layer.dense.whole, PreparedLayer) for layer in ours.encoder.layer)  # up to 256 rows
     c = ours.config
     k = {op: (lambda f: lambda *a, **kw: f(*a, **kw))(f) for op, f in ours._k.items()}  # the same ops, not prepared
     per_call_layers = [F.layer_dense(layer._params, ACTIVATIONS[c.hidden_act], c.layer_norm_eps, k, layer._fused)
                        for layer in ours.encoder.layer]
-    assert not any(isinstance(f, Prepared) for d in per_call_layers for f in d)
+    assert not any(isinstance(f, (Prepared, PreparedLayer)) for d in per_call_layers for f in d)
     cases = [(ids, mask, False), (ids, np.ones_like(mask), False), (big_ids, big_mask, False),
              (ids, mask, True)]  # the last: a dense batch with its padding keys masked (skip_padding=False)
     for i, m, dense in cases:
