@@ -315,16 +315,23 @@ def test_the_same_bits_when_kernels_compile_and_when_they_load_from_the_cache(ti
 def test_first_use_runs_the_numpy_kernels_while_the_cache_warms(minilm_dir, tmp_path):
     """On an empty Numba cache a pass runs the NumPy kernels (said on stderr, within the parity
     tolerance) while a detached warm-up compiles the default ones; once its marker is there, a new
-    process runs them without a word and gets this process's bits."""
+    process runs them without a word, compiles none (small and large batches) and gets this
+    process's bits."""
     import time
 
     from conftest import TOL
 
     code = f"""
-        import os, numpy as np, minibert
+        import os, numba, numpy as np, minibert
+        from minibert import kernels
         model = minibert.BertModel.from_pretrained({str(minilm_dir)!r})
         x = model([[101, 7592, 2088, 102], [101, 2054, 102, 0]], attention_mask=[[1, 1, 1, 1], [1, 1, 1, 0]])
         np.save(os.path.join({str(tmp_path)!r}, os.environ["RUN"] + ".npy"), x.last_hidden_state)
+        model(np.full((2, 150), 2088))  # 300 rows: a layer kernel by kernel (at most 256 in one call)
+        compiled = [f"{{m.__name__}}.{{name}}" for m in vars(kernels).values() if type(m) is type(kernels)
+                    for name, d in vars(m).items() if isinstance(d, numba.core.dispatcher.Dispatcher)
+                    and sum(d.stats.cache_misses.values())]
+        print("compiled here:", compiled)
     """
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "MINIBERT_BACKGROUND_COMPILE": "1"}
     rc, _, err = _python(code, env={**env, "RUN": "cold"}, timeout=120)
@@ -334,8 +341,9 @@ def test_first_use_runs_the_numpy_kernels_while_the_cache_warms(minilm_dir, tmp_
     while not [p for p in (tmp_path / "cache").rglob("minibert-ready-float32-*") if p.suffix != ".lock"]:
         assert time.monotonic() < deadline, "the warm-up left no marker in 300 s"
         time.sleep(1)
-    rc, _, err = _python(code, env={**env, "RUN": "warm"}, timeout=120)
+    rc, out, err = _python(code, env={**env, "RUN": "warm"}, timeout=120)
     assert rc == 0 and "minibert:" not in err, err[-3000:]
+    assert "compiled here: []" in out, f"kernels the warm-up left to compile: {out[-2000:]}"
     model = minibert.BertModel.from_pretrained(str(minilm_dir))
     here = model([[101, 7592, 2088, 102], [101, 2054, 102, 0]], attention_mask=[[1, 1, 1, 1], [1, 1, 1, 0]])
     cold, warm = np.load(tmp_path / "cold.npy"), np.load(tmp_path / "warm.npy")
