@@ -12,6 +12,8 @@ embedding gathers and copies ("other").
 With the kernels wrapped, each layer's dense layers are remade to call the kernel set's ops on
 every pass instead of the prepared kernels made at load (minibert.model.dense): the kernels' times
 are the same, and "other" includes the ops' per-call argument checks that the prepared ones skip.
+Layers also run op by op where the default path makes one call of a whole layer (up to 256 rows,
+kernels/layer.py), so at small shapes "other" is the Python that path saves, not what it spends.
 """
 from __future__ import annotations
 
