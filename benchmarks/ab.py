@@ -11,8 +11,10 @@ rotating order, ``--gap`` seconds of idle before each call): "new" (this checkou
 is first checked against "new" (max abs difference at valid positions). The repeats are split
 over ``--processes`` fresh processes per setting, taking turns: processes of the same code differed
 by up to 20 % at MiniLM (1, 16), so one pair of processes can show a difference that is not in the
-code. Prints median ms per pass and the ratio to "new"; writes JSON with the host (CPU model and
-vector ISA flags).
+code. Each generation of processes starts (and starts its rounds) from another setting: a call
+right after another setting's ran slower than one right after its own, so a fixed start favoured
+one side. Prints median ms per pass and the ratio to "new", and the medians after a setting's own
+call and after another's apart; writes JSON with the host (CPU model and vector ISA flags).
 """
 from __future__ import annotations
 
@@ -118,10 +120,15 @@ def main(argv=None):
         times = {(shape, key): [] for shape, *_ in shapes_here for key in keys}
         per_process = {k: [] for k in times}
         diffs = {}
+        after = {k: ([], []) for k in times}  # (after its own call, after another setting's)
         for gen in range(a.processes):
             rounds = a.repeats // a.processes + (gen < a.repeats % a.processes)
+            # each generation starts its processes and its rounds from another setting: a call right
+            # after another setting's ran slower than one after its own (MiniLM (1, 16): 1-2 ms), and a
+            # fixed start gave the second setting more of the fast kind (docs/performance.md)
+            order = keys[gen % len(keys):] + keys[:gen % len(keys)]
             settings = {key: Setting(key, trees[key.split(" + ")[0]], key.endswith("torch"), path, a.threads)
-                        for key in keys}
+                        for key in order}
             if gen == 0:
                 for key, s in settings.items():
                     print(f"  {name}: {key} from {s.source}", file=sys.stderr)
@@ -131,13 +138,15 @@ def main(argv=None):
                     ref = settings["new"].call("run", arrays)
                     for key, s in settings.items():
                         diffs[shape, key] = float(np.abs(s.call("run", arrays)[valid] - ref[valid]).max())
-                for s in settings.values():
-                    s.call("time", arrays)
-                got = {key: [] for key in keys}
+                for key in order[1:] + order[:1]:  # the warm-up ends with the setting round 0 starts with
+                    settings[key].call("time", arrays)
+                got, last = {key: [] for key in keys}, order[0]
                 for r in range(rounds):
-                    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                    for key in order[r % len(keys):] + order[:r % len(keys)]:
                         time.sleep(a.gap)
                         got[key].append(settings[key].call("time", arrays))
+                        after[shape, key][key != last].append(got[key][-1])
+                        last = key
                 for key, t in got.items():
                     times[shape, key] += t
                     per_process[shape, key].append(statistics.median(t) * 1e3)
@@ -148,10 +157,15 @@ def main(argv=None):
             for key in keys:
                 t, procs = times[shape, key], per_process[shape, key]
                 med = statistics.median(t)
+                own, other = (statistics.median(v) * 1e3 if v else None for v in after[shape, key])
                 rows.append(dict(model=name, shape=shape, setting=key, median_ms=med * 1e3, ratio_to_new=med / new,
-                                 maxdiff_vs_new=diffs[shape, key], process_medians_ms=procs, times_s=t))
+                                 maxdiff_vs_new=diffs[shape, key], process_medians_ms=procs, times_s=t,
+                                 after_own_ms=own, after_other_ms=other,
+                                 calls_after_own=len(after[shape, key][0])))
+                split = f"  after its own {own:.2f} / another's {other:.2f} ms" if own and other else ""
                 print(f"{name:7s} {shape:28s} {key:18s} {med * 1e3:9.2f} ms  x{med / new:5.3f}  "
-                      f"maxdiff {diffs[shape, key]:.1e}  per process {min(procs):.2f}-{max(procs):.2f} ms", flush=True)
+                      f"maxdiff {diffs[shape, key]:.1e}  per process {min(procs):.2f}-{max(procs):.2f} ms{split}",
+                      flush=True)
     out = a.output or new_result("ab")
     write_json(out, dict(machine=host, threads=a.threads, repeats=a.repeats, processes=a.processes, gap_s=a.gap,
                          baseline=str(a.baseline) if a.baseline else None, rows=rows))
