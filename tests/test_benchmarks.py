@@ -64,6 +64,18 @@ def test_serve_benchmark_loads_a_real_server(tmp_path):
     assert all(row["errors"] == 0 and row["texts_per_s"] > 0 and row["model_calls"] >= 1 for row in data["rows"])
 
 
+def test_ab_benchmark_gives_each_setting_as_many_calls_after_its_own(tmp_path, minilm_dir):
+    """A call right after the other setting's process ran is slower than one after its own, so
+    both settings must get as many of each kind; here the baseline is this checkout itself."""
+    checkout = Path(__file__).resolve().parents[1]
+    data = run_benchmark(tmp_path, "ab", "--baseline", str(checkout), "--model", "minilm", "--shapes", "1x16",
+                         "--repeats", "4", "--processes", "2", "--gap", "0", "--no-torch")
+    rows = {r["setting"]: r for r in data["rows"]}
+    assert set(rows) == {"new", "baseline"} and all(r["maxdiff_vs_new"] == 0 for r in rows.values())
+    assert rows["new"]["calls_after_own"] == rows["baseline"]["calls_after_own"] == 2, rows
+    assert all(len(r["times_s"]) == 4 and r["after_own_ms"] > 0 and r["after_other_ms"] > 0 for r in rows.values())
+
+
 def test_corpus_benchmark_times_local_and_dask(tmp_path):
     data = run_benchmark(tmp_path, "corpus", "--files", "2", "--rows", "4")
     assert set(data["runs"]) == {"local 1 x 2", "LocalCluster 2 x 1", "LocalCluster 1 x 2"}
