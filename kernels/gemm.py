@@ -17,6 +17,9 @@ Versions (docs/kernels.md has the measurements):
 """
 from __future__ import annotations
 
+import mmap
+import sys
+import threading
 import weakref
 
 import numpy as np
@@ -355,7 +358,7 @@ def pack(weight):  # [N, K] -> panels [ceil(N / NR), K, NR], columns past N zero
     P = -(-N // NR)
     panels = np.zeros((P, NR, K), dtype=weight.dtype)
     panels.reshape(P * NR, K)[:N] = weight
-    out = aligned_empty((P, K, NR), weight.dtype)
+    out = _ARENA.empty((P, K, NR), weight.dtype)
     out[...] = panels.transpose(0, 2, 1)
     return out
 
@@ -371,6 +374,50 @@ def aligned_empty(shape, dtype, align=64):
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+class _HugePages:
+    """Memory for the panels, packed one after another into 2 MiB pages (Linux transparent huge
+    pages, asked for by ``madvise``): a pass streams every panel once, and with 4 KiB pages MiniLM's
+    42 MB cost ~10,000 TLB misses a pass, more after another process ran (docs/performance.md).
+    NumPy asks for huge pages only for arrays of 4 MiB and up, which leaves out every MiniLM panel.
+    Chunks of ``CHUNK`` bytes (a larger array gets a mapping of its own); an array is a view that
+    keeps its chunk mapped, so a chunk is unmapped once its last panel is gone and this is no longer
+    filling it."""
+
+    CHUNK = 32 << 20
+    PAGE = 2 << 20
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.chunk, self.used = None, 0
+        self.ok = sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
+
+    def empty(self, shape, dtype, align=64):
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if not self.ok or nbytes == 0:
+            return aligned_empty(shape, dtype, align)
+        with self.lock:
+            try:
+                if nbytes > self.CHUNK:  # a mapping of its own; the chunk being filled stays
+                    return self._map(nbytes).view(dtype).reshape(shape)
+                start = -(-self.used // align) * align
+                if self.chunk is None or start + nbytes > self.chunk.size:
+                    self.chunk, start = self._map(self.CHUNK), 0
+            except (OSError, ValueError):  # no memory to map, or madvise refused: plain pages
+                self.ok = False
+                return aligned_empty(shape, dtype, align)
+            self.used = start + nbytes
+            return self.chunk[start:start + nbytes].view(dtype).reshape(shape)
+
+    def _map(self, size):  # -> uint8 [size] on a 2 MiB boundary, asked to be backed by huge pages
+        m = mmap.mmap(-1, size + self.PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        raw = np.frombuffer(m, dtype=np.uint8)
+        start = -raw.ctypes.data % self.PAGE
+        m.madvise(mmap.MADV_HUGEPAGE, start, size - size % mmap.PAGESIZE)
+        return raw[start:start + size]
+
+
+_ARENA = _HugePages()
 _PACKED: dict = {}  # id(weight) -> (weakref to weight, its panels): read-only weights only
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import sys
+
 import numpy as np
 from pathlib import Path
 import pytest
@@ -415,6 +417,44 @@ def test_gemm_packed_panels_start_on_a_cache_line(N, K, dtype):
     expect = np.zeros((panels.shape[0] * NR, K), dtype)
     expect[:N] = w
     np.testing.assert_array_equal(panels, expect.reshape(-1, NR, K).transpose(0, 2, 1))
+
+
+def _vm_flags(address):  # the VmFlags of the mapping that holds ``address`` (/proc/self/smaps)
+    flags, inside = None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+    return flags
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(__import__("mmap"), "MADV_HUGEPAGE")),
+                    reason="transparent huge pages are Linux's")
+def test_gemm_packed_panels_are_on_memory_advised_for_huge_pages():
+    """Panels of every size (MiniLM's are all under NumPy's own 4 MiB huge-page threshold) go one
+    after another into 2 MiB-aligned chunks advised MADV_HUGEPAGE ('hg' in the mapping's VmFlags);
+    a chunk outlives this process's filling of it only through its panels."""
+    import gc
+    import weakref
+
+    from minibert.kernels import gemm
+
+    rng = np.random.default_rng(0)
+    small, large = (gemm.pack(rng.standard_normal(s).astype(np.float32)) for s in ((384, 384), (3000, 3000)))
+    for panels in (small, large):
+        assert "hg" in _vm_flags(panels.ctypes.data), "panels on memory not advised for huge pages"
+    assert large.nbytes > gemm._HugePages.CHUNK  # a mapping of its own, unmapped with its panels
+    assert gemm._ARENA.chunk is not None and not np.shares_memory(large, gemm._ARENA.chunk)
+    mapping = weakref.ref(large.base.base.obj)  # panels -> the mapping's bytes -> memoryview -> mmap
+    del large, panels
+    gc.collect()
+    assert mapping() is None, "a mapping no panel uses stayed mapped"
+    nxt = gemm.pack(rng.standard_normal((384, 384)).astype(np.float32))  # the next panel in the same chunk
+    assert np.shares_memory(small.base, nxt.base) and nxt.ctypes.data % 64 == 0
 
 
 def test_gemm_packed_keeps_panels_of_read_only_weights_only():
