@@ -18,6 +18,7 @@ Versions (docs/kernels.md has the measurements):
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 import threading
 import weakref
@@ -418,6 +419,8 @@ class _HugePages:
 
 
 _ARENA = _HugePages()
+if hasattr(os, "register_at_fork"):  # a fork while another thread packs: the child has only this thread
+    os.register_at_fork(after_in_child=lambda: setattr(_ARENA, "lock", threading.Lock()))
 _PACKED: dict = {}  # id(weight) -> (weakref to weight, its panels): read-only weights only
 
 

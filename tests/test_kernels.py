@@ -457,6 +457,26 @@ def test_gemm_packed_panels_are_on_memory_advised_for_huge_pages():
     assert np.shares_memory(small.base, nxt.base) and nxt.ctypes.data % 64 == 0
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX")
+def test_a_child_forked_while_the_panel_arena_is_locked_can_pack():
+    """Another thread may be packing a weight (holding the arena's lock) when a thread forks; the
+    child has only the forking thread, so the lock must be free there, not held for ever."""
+    import os
+
+    from minibert.kernels import gemm
+
+    with gemm._ARENA.lock:
+        pid = os.fork()
+        if pid == 0:  # the child: pack, or exit 1 if the lock is still taken
+            code = 0 if gemm._ARENA.lock.acquire(timeout=10) else 1
+            if code == 0:
+                gemm._ARENA.lock.release()
+                gemm.pack(np.ones((8, 8), np.float32))
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child found the arena's lock held"
+
+
 def test_gemm_packed_keeps_panels_of_read_only_weights_only():
     """A read-only weight is packed once and its panels dropped with it; a writable one is packed
     on every call, so an in-place change is seen by the next product."""
