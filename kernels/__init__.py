@@ -44,7 +44,7 @@ if _fallback:
     numba.config.CACHE_DIR = _fallback
 
 from .registry import OPS, available, default, get, register, select  # noqa: F401
-from . import activations, attention, dense, gemm, layer, layernorm, softmax  # noqa: F401  (importing registers the versions)
+from . import activations, attention, dense, gemm, layernorm, softmax  # noqa: F401  (importing registers the versions)
 
 __all__ = ["OPS", "available", "default", "get", "register", "select"]
 
