@@ -67,28 +67,28 @@ def silu_numpy(x, bias=None):
 
 
 # --- numba v1: one scalar loop per op -----------------------------------------------------------
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _gelu_loop(x, out):
     for i in range(x.size):
         v = x[i]
         out[i] = 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _gelu_tanh_loop(x, out):
     for i in range(x.size):
         v = x[i]
         out[i] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _relu_loop(x, out):
     for i in range(x.size):
         v = x[i]
         out[i] = v if v > 0 else 0.0
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _silu_loop(x, out):
     for i in range(x.size):
         v = x[i]
@@ -156,7 +156,7 @@ def act_row(src, b, dst, act):
 
 
 # x, out: [R, C], prange over the rows; b: [C], the bias (zeros when there is none: x + 0 is x).
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _act_v2(x, b, out, act):
     for r in prange(x.shape[0]):
         act_row(x[r], b, out[r], act)

@@ -63,7 +63,7 @@ def attention_blas_v2(qkv, starts, n_head, scale, mask=None):
     return _per_sequence(qkv, starts, n_head, scale, mask, masked_softmax_numba_v2)
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _attention_fused(qkv, starts, mask, has_mask, n_head, scale, out):
     H = qkv.shape[1] // 3
     dH = H // n_head
@@ -136,7 +136,7 @@ def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_fused, qkv, starts, n_head, scale, mask)
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _head_transposed(qkv, lo, L, col, dH):  # qkv[lo:lo+L, col:col+dH]ᵀ -> [dH, L], contiguous rows
     # 8 source rows at a time, so each row of the result is written 8 contiguous values at a
     # time: 0.65 -> 0.40 ms of bert-base (8, 128)'s 4 ms, against one element at a time
@@ -158,7 +158,7 @@ def _head_transposed(qkv, lo, L, col, dH):  # qkv[lo:lo+L, col:col+dH]ᵀ -> [dH
     return t
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
     # s[r, :] (holding the mask row) += (q[r0+r]·scale)·Kᵀ for nr <= 4 query rows
     D4 = dH - dH % 4
@@ -189,14 +189,14 @@ def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
                 sr[j] += a * kd[j]
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _softmax_rows(s, nr, inv):  # s[:nr] -> exp(s - row max) in place, inv[r] = 1 / row sum
     for r in range(nr):
         row = s[r]
         inv[r] = 1 / exp_sum(row, row_max(row))
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _pack_v(qkv, lo, vo, dH, wp):  # V = qkv[lo:lo+L, vo:vo+dH] -> panels wp [P, L, NR], zeros past dH
     NR = wp.shape[2]
     for p in range(wp.shape[0]):
@@ -214,7 +214,7 @@ V_VECTORS = 2  # vectors of columns per V panel: 16 float32 (32 on AVX-512), div
 _vtile4, _vtile3, _vtile2, _vtile1 = (_tile_kernel(r, V_VECTORS, False) for r in (4, 3, 2, 1))
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _context(s, nr, inv, wp, ctx, out, r0, col, dH):
     # out[r0+r, col:col+dH] = (s[r]·inv[r])·V for nr <= 4 rows, V packed into panels wp: gemm.py's
     # tile kernel (register-blocked vector FMAs in LLVM IR, the keys in order), into ctx [4, P·NR]
@@ -234,7 +234,7 @@ def _context(s, nr, inv, wp, ctx, out, r0, col, dH):
             o[d] = cr[d] * i
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
     H = qkv.shape[1] // 3
     dH = H // n_head
@@ -271,13 +271,13 @@ def attention_numba_tiled(qkv, starts, n_head, scale, mask=None):
 _vtile8 = _tile_kernel(8, V_VECTORS, False)
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _key_tiles(x, nr, kp, p, s):  # s[:nr, p·NR:(p+1)·NR] = x[:nr] @ kp[p]: gemm.py's tiles, which
     # prefetch the next key panel meanwhile
     _tiles(x, 0, nr, kp, p, s, p * kp.shape[2], (p + 1) % kp.shape[0])
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _value_tiles(s, nr, vp, p, ctx):  # ctx[:nr, p·NV:(p+1)·NV] = s[:nr] @ vp[p]
     c, i, rest = p * vp.shape[2], 0, nr
     if TILE_ROWS == 8 and rest == 8:
@@ -294,7 +294,7 @@ def _value_tiles(s, nr, vp, p, ctx):  # ctx[:nr, p·NV:(p+1)·NV] = s[:nr] @ vp[
         _vtile1(s, i, vp, p, ctx, c, 0, 0)
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _pack_k(qkv, lo, L, col, dH, kp):  # kp[p, d, c] = qkv[lo + p·NR + c, col + d] for the L keys
     # 8 keys of a panel at a time: 8 contiguous values a write. A panel is 24 or 48 float32 wide
     # but 12 float64 on AVX2, so the blocks of 8 stop at each panel's end
@@ -319,7 +319,7 @@ def _pack_k(qkv, lo, L, col, dH, kp):  # kp[p, d, c] = qkv[lo + p·NR + c, col +
                 kp[p, d, k - j0] = src[d]
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _attention_gemm(qkv, starts, mask, has_mask, n_head, scale, out):
     H = qkv.shape[1] // 3
     dH = H // n_head

@@ -49,7 +49,7 @@ def _dot(a, b, zero):
     return s
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _gemm_4x3(x, w, out):
     # x [M, K], w [N, K], out [M, N], all C-contiguous: out[i, j] = x[i] · w[j]
     M, N = x.shape[0], w.shape[0]
@@ -266,7 +266,7 @@ def _fetch_add(typingctx, counts, i, n):
 PRODUCT, BIAS_ACT, LAYERNORM = 0, 1, 2  # _gemm_packed's epilogues
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weight, ln_bias, eps, done):
     # x [M, K], panels wp [P, K, NR] of weight [N, K] (N <= P·NR, the last panel zero-padded),
     # out [M, N]; all C-contiguous. Tasks are (row block, panel), row block major: each thread

@@ -19,7 +19,7 @@ from .dense import ACT_EPILOGUE_ROWS, Prepared
 from .gemm import BIAS_ACT, LAYERNORM, NONE, _gemm_packed, _unused, rows_per_block
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _layer(x, starts, mask, has_mask, n_head, scale, rows_h, rows_i, qkv_p, qkv_b, ao_p, ao_b, ln1_w, ln1_b, eps1,
            it_p, it_b, act, out_p, out_b, ln2_w, ln2_b, eps2, vec, mat, ints):
     # x [N, H] -> [N, H]; rows_h / rows_i: gemm.block_rows of an [N, H] / [N, I] input. The

@@ -33,7 +33,7 @@ def layernorm_numpy(x, residual, weight, bias, eps, x_bias=None):
     return (x - mean) / np.sqrt(var + x.dtype.type(eps)) * weight + bias
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _layernorm_rows(x, residual, has_residual, weight, bias, eps, out):
     n, h = x.shape
     for r in range(n):
@@ -84,7 +84,7 @@ def ln_row(src, xb, res, weight, bias, eps, dst):
         dst[j] = (dst[j] - mean) * inv * weight[j] + bias[j]
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _layernorm_v2(x, xb, residual, weight, bias, eps, out):
     # x, residual, out: [N, H]; xb, weight, bias: [H]
     for r in prange(x.shape[0]):

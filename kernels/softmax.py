@@ -47,7 +47,7 @@ def masked_softmax_numpy(scores, mask, scale, out=None):
     return np.divide(e, e.sum(axis=-1, keepdims=True), out=None if out is None else _out_like(scores, out))
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _masked_softmax_rows(s, mask, has_mask, scale, out):
     b_n, h_n, q_n, k_n = s.shape
     for b in range(b_n):
@@ -83,7 +83,7 @@ def masked_softmax_numba(scores, mask, scale, out=None):
     return out
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _masked_softmax_v2(s, mask, scale, one, out):
     # s, out: [R, Tk] rows (R = B·nH·Tq, rows of one sequence contiguous); mask: [B, Tk] additive
     rows, k_n = s.shape

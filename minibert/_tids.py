@@ -17,7 +17,7 @@ def _gettid(typingctx):  # glibc's gettid() (2.30+; runtime checks that libc has
     return types.int64(), codegen
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def record(out):  # out: int64 [n], n the team's size
     for _ in prange(out.shape[0]):
         out[get_thread_id()] = _gettid()

@@ -83,26 +83,30 @@ def _openmp_started() -> bool:
 
 
 def _after_fork_in_child() -> None:
-    global _forked_from, _lock, _state
+    global _forked_from, _lock, _turns, _state
     if _forked_from is None and _openmp_started():
         _forked_from = os.getppid()
     for fd in _files.values():  # the parent's claim files stay the parent's
         if fd is not None:
             os.close(fd)
     _files.clear()
-    _lock, _state, _busy[0] = threading.Lock(), _Depth(), 0  # only the forking thread lives on
+    _lock, _turns, _state, _busy[0] = threading.Lock(), threading.Lock(), _Depth(), 0  # only the forking thread lives on
 
 
 class running:
-    """``with running():`` around a call: :func:`enter`, and for the outermost call in the
-    process, the pass's threads on CPUs of their own (see :func:`_pin`)."""
+    """``with running():`` around a call: :func:`enter`; for a thread's outermost call, its turn
+    when the threading layer is not thread-safe (see :func:`threadsafe_layer`), and for the
+    outermost call in the process, the pass's threads on CPUs of their own (see :func:`_pin`)."""
 
-    __slots__ = ("pinned",)
+    __slots__ = ("pinned", "turn")
 
     def __enter__(self):
         enter()
         self.pinned = None
         if _state.depth == 0:
+            self.turn = not threadsafe_layer()
+            if self.turn:
+                _turns.acquire()
             with _lock:
                 outermost = _busy[0] == 0
                 _busy[0] += 1
@@ -111,6 +115,8 @@ class running:
             except BaseException:
                 with _lock:
                     _busy[0] -= 1
+                if self.turn:
+                    _turns.release()
                 raise
         _state.depth += 1
 
@@ -118,12 +124,38 @@ class running:
         _state.depth -= 1
         if self.pinned is None:
             return
-        if self.pinned:
-            before, cpus = self.pinned
-            os.sched_setaffinity(0, before)
-            _release(cpus)
-        with _lock:
-            _busy[0] -= 1
+        try:
+            if self.pinned:
+                before, cpus = self.pinned
+                os.sched_setaffinity(0, before)
+                _release(cpus)
+        finally:
+            with _lock:
+                _busy[0] -= 1
+            if self.turn:
+                _turns.release()
+
+
+# The kernels release the GIL, so threads' passes run at once. Numba's OpenMP and TBB layers take
+# that; its workqueue layer (the fallback when neither loads) aborts the process on concurrent use,
+# so there each thread's outermost call waits for its turn.
+_turns = threading.Lock()
+_threadsafe: Optional[bool] = None
+
+
+def threadsafe_layer() -> bool:
+    """Whether Numba's threading layer (started here if no kernel has yet) runs parallel kernels
+    from several threads at once."""
+    global _threadsafe
+    if _threadsafe is None:
+        with _turns:
+            if _threadsafe is None:
+                import numba
+                from numba.np.ufunc import parallel
+
+                parallel._launch_threads()
+                _threadsafe = numba.threading_layer() != "workqueue"
+    return _threadsafe
 
 
 def enter() -> None:

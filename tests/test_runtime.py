@@ -165,6 +165,50 @@ def test_tokenizer_from_many_threads(minilm_dir):
     assert not wrong, f"{len(wrong)} calls got another call's settings, e.g. {wrong[:3]}"
 
 
+
+def test_the_kernels_let_other_threads_run():
+    """Every kernel Python calls releases the GIL (``nogil``): threads' passes run at once, and a
+    server's web threads run while a batch computes."""
+    import inspect
+
+    import numba
+
+    import minibert._tids
+    import minibert.kernels as K
+
+    modules = [minibert._tids] + [m for _, m in inspect.getmembers(K, inspect.ismodule)]
+    # the cached ones: the helpers inlined into them are never called from Python
+    entry = [(m.__name__, name) for m in modules for name, f in vars(m).items()
+             if isinstance(f, numba.core.registry.CPUDispatcher) and type(f._cache).__name__ != "NullCache"]
+    assert len(entry) >= 10, entry  # the kernels were found
+    holding = [e for e in entry if not getattr(sys.modules[e[0]], e[1]).targetoptions.get("nogil")]
+    assert not holding, f"kernels that hold the GIL: {holding}"
+
+
+def test_on_a_threading_layer_that_is_not_thread_safe_threads_take_turns(tiny_dir):
+    """Numba's workqueue layer aborts the process on concurrent use; there each thread's outermost
+    call waits for its turn, and every result equals the same call alone."""
+    code, out, err = _python(f"""
+        import threading, numpy as np, minibert
+        from minibert import runtime
+        model = minibert.BertModel.from_pretrained({str(tiny_dir)!r})
+        ids = [np.arange(n * 8).reshape(n, 8) % 99 for n in (1, 2, 4)]
+        alone = [model(x).last_hidden_state for x in ids]
+        print("threadsafe", runtime.threadsafe_layer())
+        wrong = []
+        def work(seed):
+            for j in np.random.default_rng(seed).integers(0, 3, size=20):
+                if not np.array_equal(model(ids[j]).last_hidden_state, alone[j]):
+                    wrong.append(j)
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print("wrong", len(wrong))
+    """, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert code == 0, err[-3000:]
+    assert "threadsafe False" in out and "wrong 0" in out, out
+
+
 # -- pinning -------------------------------------------------------------------------------------------
 PIN_PROBE = """
     import fcntl, os, sys, numpy as np, minibert
