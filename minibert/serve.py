@@ -3,9 +3,10 @@ OpenAI's embeddings API (``pip install 'minibert-numpy[serve]'``: starlette, uvi
 prometheus-client, orjson).
 
 Requests are tokenized (once: to check their length, count their tokens and run) in a thread pool,
-then queued for one inference thread that owns the cores: it merges waiting requests into one batch
-of up to ``max_batch_tokens`` tokens and runs it packed, as ``SentenceEncoder.encode`` does, so
-concurrent small requests share a model call. JSON encoding also runs off the event loop. Errors are JSON
+then queued for the inference threads (one per core, see :class:`Engine`): a free one merges the
+waiting requests into one batch of up to ``max_batch_tokens`` tokens and runs it packed, as
+``SentenceEncoder.encode`` does, so concurrent small requests share a model call. JSON encoding
+also runs off the event loop. Errors are JSON
 ``{"error": message, "error_type": kind}``; bad input is a 4xx, never a 500.
 """
 from __future__ import annotations
@@ -57,24 +58,36 @@ def _merge(xs, pad_id: int) -> dict:
 
 
 class Engine:
-    """The inference thread: jobs queue up; each model call takes the waiting jobs in order while
-    their tokens fit in ``max_batch_tokens`` (at least one job)."""
+    """The inference threads, one per core the model may use: jobs queue up; a free thread takes
+    the waiting jobs in order while their tokens fit in ``max_batch_tokens`` (at least one job)
+    and runs them on the cores no other call is using (at least one). Alone, a call has every
+    core; under load each thread runs its own batch on one core, so no call waits at a parallel
+    kernel's barrier for a core the web threads took."""
 
-    def __init__(self, encoder, max_batch_tokens: int, on_batch=None):
+    def __init__(self, encoder, max_batch_tokens: int, on_batch=None, threads: Optional[int] = None):
+        from . import runtime
+
         self.encoder, self.max_batch_tokens, self.on_batch = encoder, max_batch_tokens, on_batch
+        self.threads = runtime.get_num_threads() if threads is None else threads  # the caller's count
         self._jobs: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="minibert-inference", daemon=True)
+        self._busy = 0  # cores the running calls use
+        # a threading layer that runs one parallel kernel at a time (runtime.threadsafe_layer) gets one
+        n = self.threads if runtime.threadsafe_layer() else 1
+        self._workers = [threading.Thread(target=self._run, name=f"minibert-inference-{i}", daemon=True)
+                         for i in range(n)]
 
     def start(self):
-        self._thread.start()
+        for t in self._workers:
+            t.start()
 
     def stop(self):  # after the queued jobs are done
         with self._cv:
             self._stop = True
-            self._cv.notify()
-        self._thread.join()
+            self._cv.notify_all()
+        for t in self._workers:
+            t.join()
 
     def submit(self, x, tokens: int) -> concurrent.futures.Future:
         job = _Job(x, tokens)
@@ -90,40 +103,52 @@ class Engine:
             while not self._jobs and not self._stop:
                 self._cv.wait()
             if not self._jobs:
-                return None
+                return None, 0
             batch = [self._jobs.popleft()]
             used = batch[0].tokens
             while self._jobs and used + self._jobs[0].tokens <= self.max_batch_tokens:
                 job = self._jobs.popleft()
                 batch.append(job)
                 used += job.tokens
-            return batch
+            n = max(1, self.threads - self._busy)
+            self._busy += n
+            return batch, n
 
     def _run(self):
+        import numba
+
         while True:
-            batch = self._take()
+            batch, n = self._take()
             if batch is None:
                 return
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            x = _merge([j.x for j in live], self.encoder.tokenizer.pad_token_id)
-            n = len(x["input_ids"])
-            t0 = time.perf_counter()
             try:
-                vecs = self.encoder._pooled(x, self.encoder.pooling, False)  # [n, H] float32
-            except Exception as e:  # noqa: BLE001 - handed to the waiting requests, which answer 500
-                log.exception("a batch of %d texts failed", n)
-                for j in live:
-                    j.future.set_exception(e)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(n, sum(j.tokens for j in live), time.perf_counter() - t0)
-            i = 0
+                numba.set_num_threads(n)  # this thread's count only
+                self._call(batch)
+            finally:
+                with self._cv:
+                    self._busy -= n
+
+    def _call(self, batch):
+        live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        x = _merge([j.x for j in live], self.encoder.tokenizer.pad_token_id)
+        n = len(x["input_ids"])
+        t0 = time.perf_counter()
+        try:
+            vecs = self.encoder._pooled(x, self.encoder.pooling, False)  # [n, H] float32
+        except Exception as e:  # noqa: BLE001 - handed to the waiting requests, which answer 500
+            log.exception("a batch of %d texts failed", n)
             for j in live:
-                b = len(j.x["input_ids"])
-                j.future.set_result(vecs[i:i + b])
-                i += b
+                j.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(n, sum(j.tokens for j in live), time.perf_counter() - t0)
+        i = 0
+        for j in live:
+            b = len(j.x["input_ids"])
+            j.future.set_result(vecs[i:i + b])
+            i += b
 
 
 class Metrics:

@@ -381,3 +381,86 @@ def test_serve_without_its_extra_names_what_to_install(monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # import fails as if not installed
     with pytest.raises(SystemExit, match=r"orjson.*pip install 'minibert-numpy\[serve\]'"):
         serve.run(model="unused")
+
+
+class _Held:
+    """An encoder stand-in for the engine: each call records the Numba thread count its thread
+    runs with and waits until the test lets it finish."""
+
+    def __init__(self):
+        import types
+
+        self.tokenizer, self.pooling = types.SimpleNamespace(pad_token_id=0), None
+        self.started = {i: threading.Event() for i in range(4)}
+        self.finish = {i: threading.Event() for i in range(4)}
+        self.threads = {}
+
+    def _pooled(self, x, modes, norm):
+        import numba
+
+        i = int(x["input_ids"][0, 0])
+        self.threads[i] = numba.get_num_threads()
+        self.started[i].set()
+        assert self.finish[i].wait(60)
+        return np.full((len(x["input_ids"]), 4), float(i), np.float32)
+
+
+def _job(i):
+    return {"input_ids": np.full((1, 3), i, np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+
+
+def test_a_call_alone_has_every_core_and_calls_at_once_share_them():
+    from minibert import runtime
+    from minibert.serve import Engine
+
+    if runtime.max_threads() < 2 or not runtime.threadsafe_layer():
+        pytest.skip("needs two Numba threads and a thread-safe threading layer")
+    enc = _Held()
+    engine = Engine(enc, 1000, threads=2)
+    engine.start()
+    try:
+        first = engine.submit(_job(0), 3)
+        assert enc.started[0].wait(30) and enc.threads[0] == 2  # alone: both cores
+        second = engine.submit(_job(1), 3)
+        assert enc.started[1].wait(30), "a second call did not start while the first ran"
+        assert enc.threads[1] == 1  # the first keeps both until it ends; the next calls get one each
+        enc.finish[1].set()
+        enc.finish[0].set()
+        assert second.result(30)[0, 0] == 1 and first.result(30)[0, 0] == 0
+        third = engine.submit(_job(2), 3)
+        assert enc.started[2].wait(30) and enc.threads[2] == 2  # alone again: both
+        enc.finish[2].set()
+        assert third.result(30)[0, 0] == 2
+    finally:
+        for e in enc.finish.values():
+            e.set()
+        engine.stop()
+
+
+def test_the_engine_runs_on_the_thread_count_of_its_caller():
+    """``minibert serve --threads 1``: the count set in the main thread holds in the inference
+    threads (a new thread would otherwise start with all of Numba's)."""
+    import minibert
+    from minibert.serve import Engine
+
+    enc = _Held()
+    minibert.set_num_threads(1)
+    try:
+        engine = Engine(enc, 1000)
+    finally:
+        minibert.set_num_threads(None)
+    engine.start()
+    try:
+        first = engine.submit(_job(0), 3)
+        assert enc.started[0].wait(30)
+        second = engine.submit(_job(1), 3)
+        assert not enc.started[1].wait(0.5), "two calls ran at once on one thread"
+        enc.finish[0].set()
+        assert enc.started[1].wait(30)
+        enc.finish[1].set()
+        assert first.result(30)[0, 0] == 0 and second.result(30)[0, 0] == 1
+        assert enc.threads == {0: 1, 1: 1}
+    finally:
+        for e in enc.finish.values():
+            e.set()
+        engine.stop()
