@@ -454,12 +454,23 @@ def run(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, 
     if max_batch_tokens < encoder.max_seq_length:
         raise SystemExit(f"minibert serve: --max-batch-tokens {max_batch_tokens} is less than the model's input limit "
                          f"({encoder.max_seq_length} tokens): a text that long would fit no batch")
-    encoder.encode(["warm up", "the kernels compile on first use"], normalize=False)
+    _warm_up(encoder)
     server = Server(encoder, model or DEFAULT_MODEL, max_batch_tokens, max_client_batch_size, auto_truncate, api_key)
     log.info("model %s ready in %.2f s; serving on http://%s:%d", model or DEFAULT_MODEL, time.perf_counter() - t0,
              f"[{host}]" if ":" in host else host, port)
     config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _warm_up(encoder) -> None:
+    """Load every kernel a request can reach before /health answers: a few rows run each layer in
+    one call, a batch over ``PreparedLayer.max_rows`` rows kernel by kernel (kernels/layer.py)."""
+    from .kernels.layer import PreparedLayer
+
+    encoder.encode(["warm up", "the kernels compile on first use"], normalize=False)
+    tokens = min(202, encoder.max_seq_length)  # 200 words and [CLS], [SEP], or cut to the limit
+    n = PreparedLayer.max_rows // tokens + 1
+    encoder.encode([" ".join(["warm"] * 200)] * n, normalize=False, batch_size=n)
 
 
 def _bound_socket(host: str, port: int):

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -464,3 +465,28 @@ def test_the_engine_runs_on_the_thread_count_of_its_caller():
         for e in enc.finish.values():
             e.set()
         engine.stop()
+
+
+def test_the_warm_up_loads_every_kernel_a_request_can_reach(minilm_dir):
+    """/health answers once the kernels are loaded: after the server's warm-up, requests of one
+    text and batches over 256 rows load no kernel (a load mid-request took a batch ~0.1 s more)."""
+    code = f"""
+        import numba, minibert
+        from minibert import kernels, serve
+        enc = minibert.SentenceEncoder({str(minilm_dir)!r})
+        serve._warm_up(enc)
+        def loaded():
+            return {{f"{{m.__name__}}.{{name}}": len(d.overloads) for m in vars(kernels).values()
+                    if type(m) is type(kernels) for name, d in vars(m).items()
+                    if isinstance(d, numba.core.dispatcher.Dispatcher)}}
+        before = loaded()
+        texts = ["a short one", "a somewhat longer sentence with more words in it than the first"]
+        enc.encode(texts[:1])
+        enc.encode(texts * 8, batch_size=16)
+        enc.encode([" ".join(["many words"] * 60)] * 12, batch_size=12)  # ~1400 rows
+        after = loaded()
+        print("loaded after the warm-up:", {{k: after[k] - before[k] for k in after if after[k] != before[k]}})
+    """
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loaded after the warm-up: {}" in r.stdout, r.stdout
