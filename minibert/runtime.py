@@ -381,6 +381,21 @@ def keep_freed_memory() -> bool:
     return _malloc
 
 
+def release_freed_memory() -> bool:
+    """Give the freed memory malloc keeps for reuse back to the OS (glibc's ``malloc_trim``), as
+    after a warm-up whose passes are bigger than the ones that follow; True if it did. Linux with
+    glibc only."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def _mallopt() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -455,6 +455,7 @@ def run(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, 
         raise SystemExit(f"minibert serve: --max-batch-tokens {max_batch_tokens} is less than the model's input limit "
                          f"({encoder.max_seq_length} tokens): a text that long would fit no batch")
     _warm_up(encoder)
+    runtime.release_freed_memory()  # the warm-up's large batch is not what the server keeps
     server = Server(encoder, model or DEFAULT_MODEL, max_batch_tokens, max_client_batch_size, auto_truncate, api_key)
     log.info("model %s ready in %.2f s; serving on http://%s:%d", model or DEFAULT_MODEL, time.perf_counter() - t0,
              f"[{host}]" if ":" in host else host, port)

@@ -466,3 +466,23 @@ def test_the_pools_environment_and_what_the_user_set_is_kept(env, order, expecte
                        env={**base, **env}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_freed_memory_gives_back_what_malloc_kept():
+    """minibert keeps freed blocks for reuse (keep_freed_memory); after a warm-up bigger than what
+    follows, release_freed_memory returns them to the OS (the server calls it after its warm-up)."""
+    code, out, err = _python("""
+        import numpy as np, minibert
+        from minibert import runtime
+        def rss():
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+        assert runtime.keep_freed_memory()
+        blocks = [np.ones(1 << 18, np.float32) for _ in range(64)]  # 64 MB in 1 MB blocks, from malloc's heap
+        del blocks
+        kept = rss()
+        print("released", runtime.release_freed_memory(), kept - rss())
+    """)
+    assert code == 0, err[-3000:]
+    released, mb = out.split()[1:]
+    assert released == "True" and int(mb) >= 48, out
