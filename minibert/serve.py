@@ -59,10 +59,11 @@ def _merge(xs, pad_id: int) -> dict:
 
 class Engine:
     """The inference threads, one per core the model may use: jobs queue up; a free thread takes
-    the waiting jobs in order while their tokens fit in ``max_batch_tokens`` (at least one job)
-    and runs them on the cores no other call is using (at least one). Alone, a call has every
-    core; under load each thread runs its own batch on one core, so no call waits at a parallel
-    kernel's barrier for a core the web threads took."""
+    the waiting jobs in order while their tokens fit in what the running calls leave of
+    ``max_batch_tokens`` (at least one job, once it fits) and runs them on the cores no other
+    call is using (at least one). Alone, a call has every core; under load each thread runs its
+    own batch on one core, so no call waits at a parallel kernel's barrier for a core the web
+    threads took."""
 
     def __init__(self, encoder, max_batch_tokens: int, on_batch=None, threads: Optional[int] = None):
         from . import runtime
@@ -72,7 +73,7 @@ class Engine:
         self._jobs: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
-        self._busy = 0  # cores the running calls use
+        self._busy, self._tokens = 0, 0  # cores and tokens the running calls use
         # a threading layer that runs one parallel kernel at a time (runtime.threadsafe_layer) gets one
         n = self.threads if runtime.threadsafe_layer() else 1
         self._workers = [threading.Thread(target=self._run, name=f"minibert-inference-{i}", daemon=True)
@@ -99,26 +100,31 @@ class Engine:
         return job.future
 
     def _take(self):
+        """(jobs, threads, tokens) of the next call, or (None, 0, 0) once stopped and done. The
+        calls running at once hold at most ``max_batch_tokens`` tokens together, so memory stays
+        that of one full batch however many threads there are."""
         with self._cv:
-            while not self._jobs and not self._stop:
+            while not (self._jobs and self._jobs[0].tokens <= self.max_batch_tokens - self._tokens):
+                if self._stop and not self._jobs:
+                    return None, 0, 0
                 self._cv.wait()
-            if not self._jobs:
-                return None, 0
+            budget = self.max_batch_tokens - self._tokens
             batch = [self._jobs.popleft()]
             used = batch[0].tokens
-            while self._jobs and used + self._jobs[0].tokens <= self.max_batch_tokens:
+            while self._jobs and used + self._jobs[0].tokens <= budget:
                 job = self._jobs.popleft()
                 batch.append(job)
                 used += job.tokens
             n = max(1, self.threads - self._busy)
             self._busy += n
-            return batch, n
+            self._tokens += used
+            return batch, n, used
 
     def _run(self):
         import numba
 
         while True:
-            batch, n = self._take()
+            batch, n, tokens = self._take()
             if batch is None:
                 return
             try:
@@ -127,6 +133,8 @@ class Engine:
             finally:
                 with self._cv:
                     self._busy -= n
+                    self._tokens -= tokens
+                    self._cv.notify_all()  # a job waiting for these tokens may fit now
 
     def _call(self, batch):
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]

@@ -490,3 +490,32 @@ def test_the_warm_up_loads_every_kernel_a_request_can_reach(minilm_dir):
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "loaded after the warm-up: {}" in r.stdout, r.stdout
+
+
+def test_calls_at_once_hold_at_most_the_batch_budget_together():
+    """--max-batch-tokens bounds the tokens of the calls running at once, not of each: a job that
+    does not fit beside the running call waits for it; one that fits runs beside it."""
+    from minibert import runtime
+    from minibert.serve import Engine
+
+    if runtime.max_threads() < 2 or not runtime.threadsafe_layer():
+        pytest.skip("needs two Numba threads and a thread-safe threading layer")
+    enc = _Held()
+    engine = Engine(enc, 10, threads=2)
+    engine.start()
+    try:
+        first = engine.submit(_job(0), 6)
+        assert enc.started[0].wait(30)
+        big = engine.submit(_job(1), 6)  # 6 + 6 > 10
+        assert not enc.started[1].wait(0.5), "a call ran beside another over the budget"
+        enc.finish[0].set()
+        assert enc.started[1].wait(30)
+        small = engine.submit(_job(2), 4)  # 6 + 4 <= 10
+        assert enc.started[2].wait(30), "a call that fits the budget did not run beside the other"
+        enc.finish[1].set()
+        enc.finish[2].set()
+        assert [f.result(30)[0, 0] for f in (first, big, small)] == [0, 1, 2]
+    finally:
+        for e in enc.finish.values():
+            e.set()
+        engine.stop()
