@@ -90,7 +90,8 @@ def _after_fork_in_child() -> None:
         if fd is not None:
             os.close(fd)
     _files.clear()
-    _lock, _turns, _state, _busy[0] = threading.Lock(), threading.Lock(), _Depth(), 0  # only the forking thread lives on
+    # only the forking thread lives on
+    _lock, _turns, _state, _busy[0] = threading.Lock(), threading.Lock(), _Depth(), 0
 
 
 class running:

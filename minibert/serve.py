@@ -104,7 +104,9 @@ class Engine:
         calls running at once hold at most ``max_batch_tokens`` tokens together, so memory stays
         that of one full batch however many threads there are."""
         with self._cv:
-            while not (self._jobs and self._jobs[0].tokens <= self.max_batch_tokens - self._tokens):
+            # the first job fits what the running calls leave, or runs alone if none runs
+            while not (self._jobs and (self._jobs[0].tokens <= self.max_batch_tokens - self._tokens
+                                       or not self._tokens)):
                 if self._stop and not self._jobs:
                     return None, 0, 0
                 self._cv.wait()

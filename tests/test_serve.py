@@ -515,6 +515,10 @@ def test_calls_at_once_hold_at_most_the_batch_budget_together():
         enc.finish[1].set()
         enc.finish[2].set()
         assert [f.result(30)[0, 0] for f in (first, big, small)] == [0, 1, 2]
+        over = engine.submit(_job(3), 12)  # over the budget on its own: runs alone, as before
+        assert enc.started[3].wait(30)
+        enc.finish[3].set()
+        assert over.result(30)[0, 0] == 3
     finally:
         for e in enc.finish.values():
             e.set()
