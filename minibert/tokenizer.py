@@ -259,9 +259,7 @@ class BertTokenizer:
         tok = self._configs.get(key)
         if tok is not None:
             return tok
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(self._tok.to_str())
+        tok = _sharing_copy(self._tok)
         if trunc:
             tok.enable_truncation(max_length, strategy=trunc, direction=sides[1])
         if pad:
@@ -391,3 +389,21 @@ def checkpoint_tokenizer(name_or_path) -> Optional[BertTokenizer]:
         return BertTokenizer.from_pretrained(name_or_path)
     except OSError:
         return None
+
+
+def _sharing_copy(backend):
+    """A copy of ``backend`` (a tokenizers.Tokenizer) whose settings can change apart, sharing its
+    model and other parts (read-only while encoding): a full copy holds its own vocabulary, ~6 MB
+    for BERT's. Checked against the original's JSON (every part and added token); if that differs,
+    a full copy from the JSON."""
+    from tokenizers import Tokenizer
+
+    text = backend.to_str()
+    tok = Tokenizer(backend.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        value = getattr(backend, part)
+        if value is not None:
+            setattr(tok, part, value)
+    for _, token in sorted(backend.get_added_tokens_decoder().items()):
+        (tok.add_special_tokens if token.special else tok.add_tokens)([token])
+    return tok if tok.to_str() == text else Tokenizer.from_str(text)

@@ -234,3 +234,27 @@ def test_corrupt_tokenizer_json_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json could not be read as a tokenizer"):
         BertTokenizer.from_pretrained(tmp_path)
+
+
+def test_each_padding_and_truncation_setting_shares_the_vocabulary(minilm_dir):
+    """Each setting gets a tokenizer of its own (threads tokenize at once), sharing the model: ten
+    settings cost little memory, where ten full copies of BERT's vocabulary took ~60 MB."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import minibert
+        def rss():
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+        tok = minibert.BertTokenizer.from_pretrained({str(minilm_dir)!r})
+        tok(["warm"], padding=True)
+        before = rss()
+        for n in range(10):
+            tok(["hello world"], padding="max_length", truncation=True, max_length=20 + n)
+        print(len(tok._configs), rss() - before)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, grew = r.stdout.split()
+    assert int(n) == 11 and float(grew) < 15, f"{n} settings; memory grew {grew} MB"
