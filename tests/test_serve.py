@@ -3,6 +3,7 @@ a client that disconnects, SIGTERM under load. The vectors against SentenceEncod
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import http.client
 import json
@@ -410,16 +411,28 @@ def _job(i):
     return {"input_ids": np.full((1, 3), i, np.int64), "attention_mask": np.ones((1, 3), np.int64)}
 
 
-def test_a_call_alone_has_every_core_and_calls_at_once_share_them():
+@contextlib.contextmanager
+def _engine(budget, threads=None, parallel=False):
+    """A started engine over a :class:`_Held` encoder; every held call let go and the engine
+    stopped at the end. ``parallel``: skip unless two calls can run at once here."""
     from minibert import runtime
     from minibert.serve import Engine
 
-    if runtime.max_threads() < 2 or not runtime.threadsafe_layer():
+    if parallel and (runtime.max_threads() < 2 or not runtime.threadsafe_layer()):
         pytest.skip("needs two Numba threads and a thread-safe threading layer")
     enc = _Held()
-    engine = Engine(enc, 1000, threads=2)
+    engine = Engine(enc, budget, threads=threads)
     engine.start()
     try:
+        yield enc, engine
+    finally:
+        for e in enc.finish.values():
+            e.set()
+        engine.stop()
+
+
+def test_a_call_alone_has_every_core_and_calls_at_once_share_them():
+    with _engine(1000, threads=2, parallel=True) as (enc, engine):
         first = engine.submit(_job(0), 3)
         assert enc.started[0].wait(30) and enc.threads[0] == 2  # alone: both cores
         second = engine.submit(_job(1), 3)
@@ -432,39 +445,28 @@ def test_a_call_alone_has_every_core_and_calls_at_once_share_them():
         assert enc.started[2].wait(30) and enc.threads[2] == 2  # alone again: both
         enc.finish[2].set()
         assert third.result(30)[0, 0] == 2
-    finally:
-        for e in enc.finish.values():
-            e.set()
-        engine.stop()
 
 
 def test_the_engine_runs_on_the_thread_count_of_its_caller():
     """``minibert serve --threads 1``: the count set in the main thread holds in the inference
     threads (a new thread would otherwise start with all of Numba's)."""
     import minibert
-    from minibert.serve import Engine
 
-    enc = _Held()
     minibert.set_num_threads(1)
     try:
-        engine = Engine(enc, 1000)
+        with _engine(1000) as (enc, engine):  # made while the count is 1
+            minibert.set_num_threads(None)
+            first = engine.submit(_job(0), 3)
+            assert enc.started[0].wait(30)
+            second = engine.submit(_job(1), 3)
+            assert not enc.started[1].wait(0.5), "two calls ran at once on one thread"
+            enc.finish[0].set()
+            assert enc.started[1].wait(30)
+            enc.finish[1].set()
+            assert first.result(30)[0, 0] == 0 and second.result(30)[0, 0] == 1
+            assert enc.threads == {0: 1, 1: 1}
     finally:
         minibert.set_num_threads(None)
-    engine.start()
-    try:
-        first = engine.submit(_job(0), 3)
-        assert enc.started[0].wait(30)
-        second = engine.submit(_job(1), 3)
-        assert not enc.started[1].wait(0.5), "two calls ran at once on one thread"
-        enc.finish[0].set()
-        assert enc.started[1].wait(30)
-        enc.finish[1].set()
-        assert first.result(30)[0, 0] == 0 and second.result(30)[0, 0] == 1
-        assert enc.threads == {0: 1, 1: 1}
-    finally:
-        for e in enc.finish.values():
-            e.set()
-        engine.stop()
 
 
 def test_the_warm_up_loads_every_kernel_a_request_can_reach(minilm_dir):
@@ -495,15 +497,7 @@ def test_the_warm_up_loads_every_kernel_a_request_can_reach(minilm_dir):
 def test_calls_at_once_hold_at_most_the_batch_budget_together():
     """--max-batch-tokens bounds the tokens of the calls running at once, not of each: a job that
     does not fit beside the running call waits for it; one that fits runs beside it."""
-    from minibert import runtime
-    from minibert.serve import Engine
-
-    if runtime.max_threads() < 2 or not runtime.threadsafe_layer():
-        pytest.skip("needs two Numba threads and a thread-safe threading layer")
-    enc = _Held()
-    engine = Engine(enc, 10, threads=2)
-    engine.start()
-    try:
+    with _engine(10, threads=2, parallel=True) as (enc, engine):
         first = engine.submit(_job(0), 6)
         assert enc.started[0].wait(30)
         big = engine.submit(_job(1), 6)  # 6 + 6 > 10
@@ -519,7 +513,3 @@ def test_calls_at_once_hold_at_most_the_batch_budget_together():
         assert enc.started[3].wait(30)
         enc.finish[3].set()
         assert over.result(30)[0, 0] == 3
-    finally:
-        for e in enc.finish.values():
-            e.set()
-        engine.stop()
