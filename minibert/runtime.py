@@ -386,25 +386,27 @@ def release_freed_memory() -> bool:
     """Give the freed memory malloc keeps for reuse back to the OS (glibc's ``malloc_trim``), as
     after a warm-up whose passes are bigger than the ones that follow; True if it did. Linux with
     glibc only."""
-    if not sys.platform.startswith("linux"):
+    trim = _glibc("malloc_trim", ctypes.c_size_t) if sys.platform.startswith("linux") else None
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
 
 
 def _mallopt() -> bool:
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM))
+
+
+def _glibc(name, *argtypes):
+    """The C library's function ``name`` (returning int), or None where it has none (not glibc:
+    musl has neither mallopt nor malloc_trim)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM))
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
 
 
 # -- first use: the kernels compile in another process -------------------------------------------
