@@ -12,8 +12,9 @@ Versions (docs/kernels.md has the measurements):
 - ``numba_packed``: the weight packed once into [in, 24]-column panels (48 on AVX-512 hosts) and an
   outer-product 4 × 3 vector micro-kernel (8 × 3 on AVX-512, whose 32 registers hold 24
   accumulators) in LLVM IR that prefetches the next panel: one long stream per panel, the copy
-  kept for read-only weights. Summation: k ascending in each lane, one
-  FMA per step, so both widths give the same bits.
+  kept for read-only weights. A block of a few rows (up to 4 tiles), memory-bound, runs each
+  panel in chunks of K instead, its tiles prefetching a fixed distance ahead together. Summation:
+  k ascending in each lane, one FMA per step, so both widths and both paths give the same bits.
 """
 from __future__ import annotations
 
@@ -141,72 +142,100 @@ PANEL_VECTORS = 3  # vectors of columns per panel
 TILE_ROWS = 8 if VECTOR_BYTES == 64 else 4
 
 
-def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True):
+def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
     """A Numba intrinsic ``tile(x, i, wp, p, out, c, pf, pfs)``: ``out[i:i+rows, c:c+NR] =
     x[i:i+rows] @ wp[p]`` for C-contiguous ``x`` [M, K], panels ``wp`` [P, K, NR] and ``out``
     [M, >= c+NR]; while at it, step k prefetches element ``pf + k·pfs`` of ``wp`` (flat) into L2.
 
+    ``chunked``: ``tile(x, i, wp, p, out, c, pf, pfs, npf, k0, k1)`` runs steps k0 <= k < k1 only,
+    adding to what ``out`` holds unless k0 is 0 (so a sum run in chunks is the same FMAs in the
+    same order), and step k prefetches ``npf`` lines from element ``pf + (k - k0)·pfs``.
+
     The loop over K is built as LLVM IR: ``rows`` x ``vectors`` vector accumulators (allocas that LLVM's
     mem2reg turns into registers), each step ``vectors`` loads of the panel, ``rows`` broadcasts of
-    x, one ``llvm.fma`` per accumulator and one ``llvm.prefetch``. No bounds checks: the caller
-    passes valid tiles (a prefetch never faults, whatever the address)."""
+    x, one ``llvm.fma`` per accumulator and the prefetches. No bounds checks: the caller passes
+    valid tiles (a prefetch never faults, whatever the address)."""
 
-    @intrinsic
-    def tile(typingctx, x, i, wp, p, out, c, pf, pfs):
+    def typer(x, i, wp, p, out, c, pf, pfs, *chunk):
         if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.float64) and x.dtype == wp.dtype
                 and x.dtype == out.dtype):
             return None
-        sig = types.void(x, i, wp, p, out, c, pf, pfs)
+        return types.void(x, i, wp, p, out, c, pf, pfs, *chunk), codegen
 
-        def codegen(context, builder, sig, args):
-            xa, wa, oa = (context.make_array(sig.args[n])(context, builder, args[n]) for n in (0, 2, 4))
-            i0, p, c0, pf, pfs = (context.cast(builder, args[n], sig.args[n], types.int64) for n in (1, 3, 5, 6, 7))
-            ft = context.get_data_type(sig.args[0].dtype)
-            lanes = VECTOR_BYTES // context.get_abi_sizeof(ft)
-            vt, i64, i32 = ir.VectorType(ft, lanes), ir.IntType(64), ir.IntType(32)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vt, [vt, vt, vt]),
-                f"llvm.fma.v{lanes}f{8 * context.get_abi_sizeof(ft)}")
-            K = cgutils.unpack_tuple(builder, xa.shape)[1]
-            NR = cgutils.unpack_tuple(builder, wa.shape)[2]
-            ldo = cgutils.unpack_tuple(builder, oa.shape)[1]
-            const = lambda n: ir.Constant(i64, n)  # noqa: E731
-            zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * lanes)
-            splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-            i8p = ir.IntType(8).as_pointer()
-            fetch = cgutils.get_or_insert_function(  # (address, read, locality 2 = L2 and out, data)
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
-            ahead = builder.gep(wa.data, [pf])
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)] for _ in range(rows)]
-            panel = builder.gep(wa.data, [builder.mul(p, builder.mul(K, NR))])  # wp[p, 0, 0]
-            xrow = [builder.gep(xa.data, [builder.mul(builder.add(i0, const(r)), K)]) for r in range(rows)]
-            with cgutils.for_range(builder, K) as loop:
-                k = loop.index
-                step = builder.gep(panel, [builder.mul(k, NR)])  # wp[p, k, :]
-                if prefetch:
-                    builder.call(fetch, [builder.bitcast(builder.gep(ahead, [builder.mul(k, pfs)]), i8p),
-                                         ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-                b = [builder.load(builder.bitcast(builder.gep(step, [const(v * lanes)]), vt.as_pointer()), align=4)
-                     for v in range(vectors)]
+    def codegen(context, builder, sig, args):
+        xa, wa, oa = (context.make_array(sig.args[n])(context, builder, args[n]) for n in (0, 2, 4))
+        i0, p, c0, pf, pfs = (context.cast(builder, args[n], sig.args[n], types.int64) for n in (1, 3, 5, 6, 7))
+        ft = context.get_data_type(sig.args[0].dtype)
+        lanes = VECTOR_BYTES // context.get_abi_sizeof(ft)
+        vt, i64, i32 = ir.VectorType(ft, lanes), ir.IntType(64), ir.IntType(32)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vt, [vt, vt, vt]),
+            f"llvm.fma.v{lanes}f{8 * context.get_abi_sizeof(ft)}")
+        K = cgutils.unpack_tuple(builder, xa.shape)[1]
+        NR = cgutils.unpack_tuple(builder, wa.shape)[2]
+        ldo = cgutils.unpack_tuple(builder, oa.shape)[1]
+        const = lambda n: ir.Constant(i64, n)  # noqa: E731
+        zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * lanes)
+        splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+        i8p = ir.IntType(8).as_pointer()
+        fetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        hint = [ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)]  # read, into L2 and out, data
+        orow = [builder.gep(oa.data, [builder.add(builder.mul(builder.add(i0, const(r)), ldo), c0)])
+                for r in range(rows)]
+        optr = [[builder.bitcast(builder.gep(orow[r], [const(v * lanes)]), vt.as_pointer()) for v in range(vectors)]
+                for r in range(rows)]
+        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)] for _ in range(rows)]
+        if chunked:
+            npf, k0, k1 = (context.cast(builder, args[n], sig.args[n], types.int64) for n in (8, 9, 10))
+            with builder.if_then(builder.icmp_signed("!=", k0, const(0))):  # a later chunk: go on from the sums
                 for r in range(rows):
-                    a = builder.insert_element(ir.Constant(vt, ir.Undefined), builder.load(builder.gep(xrow[r], [k])),
-                                               ir.Constant(i32, 0))
-                    a = builder.shuffle_vector(a, ir.Constant(vt, ir.Undefined), splat)  # x[i + r, k] in every lane
                     for v in range(vectors):
-                        builder.store(builder.call(fma, [a, b[v], builder.load(acc[r][v])]), acc[r][v])
+                        builder.store(builder.load(optr[r][v], align=4), acc[r][v])
+            steps = cgutils.for_range_slice(builder, k0, k1, const(1))
+        else:
+            k0, steps = const(0), cgutils.for_range(builder, K)
+        ahead = builder.gep(wa.data, [pf])
+        panel = builder.gep(wa.data, [builder.mul(p, builder.mul(K, NR))])  # wp[p, 0, 0]
+        xrow = [builder.gep(xa.data, [builder.mul(builder.add(i0, const(r)), K)]) for r in range(rows)]
+        with steps as loop:
+            k = loop[0] if chunked else loop.index
+            step = builder.gep(panel, [builder.mul(k, NR)])  # wp[p, k, :]
+            if prefetch:
+                line = builder.bitcast(builder.gep(ahead, [builder.mul(builder.sub(k, k0), pfs)]), i8p)
+                builder.call(fetch, [line, *hint])
+                for m in (1, 2) if chunked else ():  # npf is 1 to 3: a panel row is at most 3 lines
+                    with builder.if_then(builder.icmp_signed(">", npf, const(m)), likely=True):
+                        builder.call(fetch, [builder.gep(line, [const(64 * m)]), *hint])
+            b = [builder.load(builder.bitcast(builder.gep(step, [const(v * lanes)]), vt.as_pointer()), align=4)
+                 for v in range(vectors)]
             for r in range(rows):
-                orow = builder.gep(oa.data, [builder.add(builder.mul(builder.add(i0, const(r)), ldo), c0)])
+                a = builder.insert_element(ir.Constant(vt, ir.Undefined), builder.load(builder.gep(xrow[r], [k])),
+                                           ir.Constant(i32, 0))
+                a = builder.shuffle_vector(a, ir.Constant(vt, ir.Undefined), splat)  # x[i + r, k] in every lane
                 for v in range(vectors):
-                    ptr = builder.bitcast(builder.gep(orow, [const(v * lanes)]), vt.as_pointer())
-                    builder.store(builder.load(acc[r][v]), ptr, align=4)
-            return context.get_dummy_value()
+                    builder.store(builder.call(fma, [a, b[v], builder.load(acc[r][v])]), acc[r][v])
+        for r in range(rows):
+            for v in range(vectors):
+                builder.store(builder.load(acc[r][v]), optr[r][v], align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
+    if chunked:
+        @intrinsic
+        def tile(typingctx, x, i, wp, p, out, c, pf, pfs, npf, k0, k1):
+            return typer(x, i, wp, p, out, c, pf, pfs, npf, k0, k1)
+    else:
+        @intrinsic
+        def tile(typingctx, x, i, wp, p, out, c, pf, pfs):
+            return typer(x, i, wp, p, out, c, pf, pfs)
     return tile
 
 
 _tile8, _tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r) for r in (8, 4, 3, 2, 1))
+_ctile8, _ctile4, _ctile3, _ctile2, _ctile1 = (_tile_kernel(r, chunked=True) for r in (8, 4, 3, 2, 1))
+CHUNKED_ROWS = 4 * TILE_ROWS  # row blocks of up to this many rows run a panel in chunks of K
+K_CHUNK = 64  # panel rows (12 KB on AVX-512) that such a block's tiles run before the next
+PREFETCH_BYTES = 16384  # how far ahead of its reads such a block prefetches
 
 
 @njit(inline="always")
@@ -233,6 +262,50 @@ def _tiles(x, i0, i1, wp, p, out, c, q):
         _tile2(x, i, wp, p, out, c, pf, pfs)
     elif rest == 1:
         _tile1(x, i, wp, p, out, c, pf, pfs)
+
+
+@njit(inline="always")
+def _chunked_tiles(x, i0, i1, wp, p, out, c):
+    # rows i0:i1 (at most CHUNKED_ROWS) of x against panel p, into out[i0:i1, c:c+NR], K_CHUNK
+    # steps at a time: every tile runs a chunk while it is in L1, and the tiles share the
+    # prefetching of the chunk PREFETCH_BYTES further on in the thread's panels (one after
+    # another in memory), so DRAM streams under the whole block, which with a few rows is
+    # memory-bound. Whole-panel tiles leave it idle while the later tiles run from L2.
+    K, NR = wp.shape[1], wp.shape[2]
+    n = i1 - i0
+    rest = n % TILE_ROWS
+    tiles = n // TILE_ROWS + (rest >= 4) + (rest % 4 > 0)
+    pfs = -(-NR // tiles)  # elements of each panel row that a tile prefetches: its share
+    npf = -(-pfs * wp.itemsize // 64)  # cache lines a step
+    full = i1 - rest
+    for k0 in range(0, K, K_CHUNK):
+        k1 = min(K, k0 + K_CHUNK)
+        pf = (p * K + k0) * NR + PREFETCH_BYTES // wp.itemsize  # the chunk's first element, ahead
+        j = 0
+        for i in range(i0, full, TILE_ROWS):
+            if TILE_ROWS == 8:
+                _ctile8(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+            else:
+                _ctile4(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+            j += 1
+        i, left = full, rest
+        if left >= 4:  # (8-row tiles only)
+            _ctile4(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+            i, left, j = i + 4, left - 4, j + 1
+        if left == 3:
+            _ctile3(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+        elif left == 2:
+            _ctile2(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+        elif left == 1:
+            _ctile1(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+
+
+@njit(inline="always")
+def _block_tiles(x, i0, i1, wp, p, out, c, q):
+    if i1 - i0 <= CHUNKED_ROWS:
+        _chunked_tiles(x, i0, i1, wp, p, out, c)
+    else:
+        _tiles(x, i0, i1, wp, p, out, c, q)
 
 
 @njit(inline="always")
@@ -289,10 +362,10 @@ def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weigh
         q = (p + 1) % P  # the panel of task t + 1, this thread's next under a static schedule
         c0, c1 = p * NR, min(N, p * NR + NR)
         if p < full:
-            _tiles(x, i0, i1, wp, p, out, c0, q)
+            _block_tiles(x, i0, i1, wp, p, out, c0, q)
         else:  # the padded last panel: through a scratch tile, then its real columns
             tmp = np.empty((M, NR), dtype=out.dtype)
-            _tiles(x, i0, i1, wp, p, tmp, 0, q)
+            _block_tiles(x, i0, i1, wp, p, tmp, 0, q)
             out[i0:i1, c0:] = tmp[i0:i1, :N - c0]
         if epilogue == BIAS_ACT:
             bb = bias[c0:c1]

@@ -403,6 +403,40 @@ def test_gemm_packed_row_blocks(monkeypatch, dtype):
     assert_close(G.gemm_numba_packed(x, w), x @ w.T, tol(dtype), f"gemm/numba_packed {dtype} row blocks")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_packed_few_rows_run_in_chunks_of_k_with_the_bits_of_whole_panels(dtype):
+    """A block of up to CHUNKED_ROWS rows runs each panel K_CHUNK steps at a time (every tile
+    shape, K not a multiple of the chunk, the padded last panel, each epilogue): the same values
+    as the reference, and the same bits as those rows inside a larger block, whose tiles run
+    whole panels (each output is the same FMAs in the same order either way)."""
+    from minibert.kernels import gemm as G
+    from minibert.kernels.activations import ACT_CODES
+
+    rng = np.random.default_rng(14)
+    K, N = 3 * G.K_CHUNK + 5, 2 * G.panel_width(dtype) + 7
+    w = (0.05 * rng.standard_normal((N, K))).astype(dtype)
+    panels = G.pack(w)
+    bias, lw, lb = (rng.standard_normal(N).astype(dtype) for _ in range(3))
+    big = rng.standard_normal((G.CHUNKED_ROWS + 9, K)).astype(dtype)
+    residual = rng.standard_normal((big.shape[0], N)).astype(dtype)
+    assert G.block_rows(big) >= big.shape[0], "the larger block must be one block of whole-panel tiles"
+    epilogues = {"product": {}, "bias + gelu": dict(bias=bias, act=ACT_CODES["gelu"]),
+                 "layernorm": dict(bias=bias, ln=(residual, lw, lb, 1e-12))}
+    for name, kw in epilogues.items():
+        whole = np.empty((big.shape[0], N), dtype)
+        G.gemm_packed(big, panels, whole, **kw)
+        for M in range(1, G.CHUNKED_ROWS + 1):
+            x = np.ascontiguousarray(big[:M])
+            if "ln" in kw:
+                kw = dict(kw, ln=(np.ascontiguousarray(residual[:M]), lw, lb, 1e-12))
+            y = np.empty((M, N), dtype)
+            G.gemm_packed(x, panels, y, **kw)
+            if name == "product":
+                assert_close(y, x.astype(np.float64) @ w.T.astype(np.float64), tol(dtype), f"{M} rows")
+            diff = np.abs(y - whole[:M]).max()
+            assert np.array_equal(y, whole[:M]), f"{name}, {M} rows: max abs difference {diff:.3g} from whole panels"
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (384, 1536), (2304, 768)])
 def test_gemm_packed_panels_start_on_a_cache_line(N, K, dtype):
