@@ -6,7 +6,8 @@ For each model and shape — dense batches (1,16), (1,128), (8,128), (1,512), an
 batch of 32 sentences of real English prose padded to its longest (the usual way: the caller hands
 over a padded batch and its attention_mask) — every engine is first checked against minibert at
 the valid positions, then timed *interleaved*: round r runs each engine once, so a noisy neighbour
-slows all of them alike; each engine runs in a process of its own and every timed call follows
+slows all of them alike, in an order rotated by r, so no engine always follows the same one (at
+(1, 16) the two minibert engines, the same computation, were 6–8 % apart in a fixed order); each engine runs in a process of its own and every timed call follows
 ``--gap`` seconds of idle, so no engine's spinning thread pool takes the cores from the next. Reported per engine: median seconds, tokens/s (valid tokens only for the
 mixed batch), useful GFLOP/s (the FLOPs of the valid tokens, so work spent on padding does not
 count), the share of NumPy's sgemm peak measured in the same run, and ratios to minibert.
@@ -368,8 +369,9 @@ def run_model(name, threads, repeats, wanted, peak, env, gap, shapes=None):
                              maxdiff_vs_minibert=diff))
             if diff > 2e-3:
                 print(f"  {name} {shape} {eng}: differs from minibert by {diff:.2e}", file=sys.stderr)
-        for _ in range(repeats):  # interleaved rounds
-            for eng, e in engines.items():
+        order = list(engines.items())
+        for r in range(repeats):  # interleaved rounds, each engine in every place of the order in turn
+            for eng, e in order[r % len(order):] + order[:r % len(order)]:
                 # idle threads of the engine that ran last spin for a while (Intel OpenMP 200 ms,
                 # ONNX Runtime's pool, OpenBLAS) and would take the cores from this one: let them sleep
                 time.sleep(gap)
