@@ -18,6 +18,7 @@ Versions (docs/kernels.md has the measurements):
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import sys
@@ -147,9 +148,11 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
     x[i:i+rows] @ wp[p]`` for C-contiguous ``x`` [M, K], panels ``wp`` [P, K, NR] and ``out``
     [M, >= c+NR]; while at it, step k prefetches element ``pf + k·pfs`` of ``wp`` (flat) into L2.
 
-    ``chunked``: ``tile(x, i, wp, p, out, c, pf, pfs, npf, k0, k1)`` runs steps k0 <= k < k1 only,
-    adding to what ``out`` holds unless k0 is 0 (so a sum run in chunks is the same FMAs in the
-    same order), and step k prefetches ``npf`` lines from element ``pf + (k - k0)·pfs``.
+    ``chunked``: ``tile(x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid)`` runs steps k0 <= k < k1
+    only, adding to what ``out`` holds unless k0 is 0 (so a sum run in chunks is the same FMAs in
+    the same order), for the first ``valid`` (1 to ``rows``) rows; step k prefetches ``npf`` lines
+    from element ``pf + (k - k0)·pfs``. One kernel for every row count up to ``rows`` compiles
+    faster than one per count, and these blocks are memory-bound, so the repeated rows cost little.
 
     The loop over K is built as LLVM IR: ``rows`` x ``vectors`` vector accumulators (allocas that LLVM's
     mem2reg turns into registers), each step ``vectors`` loads of the panel, ``rows`` broadcasts of
@@ -181,13 +184,18 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
         fetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
         hint = [ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)]  # read, into L2 and out, data
-        orow = [builder.gep(oa.data, [builder.add(builder.mul(builder.add(i0, const(r)), ldo), c0)])
+        if chunked:
+            npf, k0, k1, valid = (context.cast(builder, args[n], sig.args[n], types.int64) for n in (8, 9, 10, 11))
+            last = builder.sub(valid, const(1))  # rows past the valid ones repeat the last: computed, not stored
+            row = [builder.select(builder.icmp_signed("<", const(r), valid), const(r), last) for r in range(rows)]
+        else:
+            row = [const(r) for r in range(rows)]
+        orow = [builder.gep(oa.data, [builder.add(builder.mul(builder.add(i0, row[r]), ldo), c0)])
                 for r in range(rows)]
         optr = [[builder.bitcast(builder.gep(orow[r], [const(v * lanes)]), vt.as_pointer()) for v in range(vectors)]
                 for r in range(rows)]
         acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)] for _ in range(rows)]
         if chunked:
-            npf, k0, k1 = (context.cast(builder, args[n], sig.args[n], types.int64) for n in (8, 9, 10))
             with builder.if_then(builder.icmp_signed("!=", k0, const(0))):  # a later chunk: go on from the sums
                 for r in range(rows):
                     for v in range(vectors):
@@ -197,7 +205,7 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
             k0, steps = const(0), cgutils.for_range(builder, K)
         ahead = builder.gep(wa.data, [pf])
         panel = builder.gep(wa.data, [builder.mul(p, builder.mul(K, NR))])  # wp[p, 0, 0]
-        xrow = [builder.gep(xa.data, [builder.mul(builder.add(i0, const(r)), K)]) for r in range(rows)]
+        xrow = [builder.gep(xa.data, [builder.mul(builder.add(i0, row[r]), K)]) for r in range(rows)]
         with steps as loop:
             k = loop[0] if chunked else loop.index
             step = builder.gep(panel, [builder.mul(k, NR)])  # wp[p, k, :]
@@ -216,14 +224,15 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
                 for v in range(vectors):
                     builder.store(builder.call(fma, [a, b[v], builder.load(acc[r][v])]), acc[r][v])
         for r in range(rows):
-            for v in range(vectors):
-                builder.store(builder.load(acc[r][v]), optr[r][v], align=4)
+            with builder.if_then(builder.icmp_signed("<", const(r), valid)) if chunked and r else contextlib.nullcontext():
+                for v in range(vectors):
+                    builder.store(builder.load(acc[r][v]), optr[r][v], align=4)
         return context.get_dummy_value()
 
     if chunked:
         @intrinsic
-        def tile(typingctx, x, i, wp, p, out, c, pf, pfs, npf, k0, k1):
-            return typer(x, i, wp, p, out, c, pf, pfs, npf, k0, k1)
+        def tile(typingctx, x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid):
+            return typer(x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid)
     else:
         @intrinsic
         def tile(typingctx, x, i, wp, p, out, c, pf, pfs):
@@ -232,7 +241,7 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
 
 
 _tile8, _tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r) for r in (8, 4, 3, 2, 1))
-_ctile8, _ctile4, _ctile3, _ctile2, _ctile1 = (_tile_kernel(r, chunked=True) for r in (8, 4, 3, 2, 1))
+_ctile8, _ctile4 = (_tile_kernel(r, chunked=True) for r in (8, 4))
 CHUNKED_ROWS = 4 * TILE_ROWS  # row blocks of up to this many rows run a panel in chunks of K
 K_CHUNK = 64  # panel rows (12 KB on AVX-512) that such a block's tiles run before the next
 PREFETCH_BYTES = 16384  # how far ahead of its reads such a block prefetches
@@ -274,30 +283,20 @@ def _chunked_tiles(x, i0, i1, wp, p, out, c):
     K, NR = wp.shape[1], wp.shape[2]
     n = i1 - i0
     rest = n % TILE_ROWS
-    tiles = n // TILE_ROWS + (rest >= 4) + (rest % 4 > 0)
+    tiles = n // TILE_ROWS + (rest + 3) // 4  # the rest in 4-row tiles, the last one's rows maybe fewer
     pfs = -(-NR // tiles)  # elements of each panel row that a tile prefetches: its share
     npf = -(-pfs * wp.itemsize // 64)  # cache lines a step
-    full = i1 - rest
     for k0 in range(0, K, K_CHUNK):
         k1 = min(K, k0 + K_CHUNK)
         pf = (p * K + k0) * NR + PREFETCH_BYTES // wp.itemsize  # the chunk's first element, ahead
-        j = 0
-        for i in range(i0, full, TILE_ROWS):
-            if TILE_ROWS == 8:
-                _ctile8(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+        i = i0
+        for j in range(tiles):
+            at, left = pf + j * K_CHUNK * pfs, i1 - i
+            if TILE_ROWS == 8 and left >= 8:
+                _ctile8(x, i, wp, p, out, c, at, pfs, npf, k0, k1, 8)
             else:
-                _ctile4(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
-            j += 1
-        i, left = full, rest
-        if left >= 4:  # (8-row tiles only)
-            _ctile4(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
-            i, left, j = i + 4, left - 4, j + 1
-        if left == 3:
-            _ctile3(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
-        elif left == 2:
-            _ctile2(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
-        elif left == 1:
-            _ctile1(x, i, wp, p, out, c, pf + j * K_CHUNK * pfs, pfs, npf, k0, k1)
+                _ctile4(x, i, wp, p, out, c, at, pfs, npf, k0, k1, min(4, left))
+            i += min(TILE_ROWS if left >= TILE_ROWS else 4, left)
 
 
 @njit(inline="always")
