@@ -224,7 +224,8 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
                 for v in range(vectors):
                     builder.store(builder.call(fma, [a, b[v], builder.load(acc[r][v])]), acc[r][v])
         for r in range(rows):
-            with builder.if_then(builder.icmp_signed("<", const(r), valid)) if chunked and r else contextlib.nullcontext():
+            stored = builder.icmp_signed("<", const(r), valid) if chunked and r else None
+            with builder.if_then(stored) if stored is not None else contextlib.nullcontext():
                 for v in range(vectors):
                     builder.store(builder.load(acc[r][v]), optr[r][v], align=4)
         return context.get_dummy_value()
@@ -292,11 +293,12 @@ def _chunked_tiles(x, i0, i1, wp, p, out, c):
         i = i0
         for j in range(tiles):
             at, left = pf + j * K_CHUNK * pfs, i1 - i
-            if TILE_ROWS == 8 and left >= 8:
+            rows = 8 if TILE_ROWS == 8 and left >= 8 else min(4, left)
+            if rows == 8:
                 _ctile8(x, i, wp, p, out, c, at, pfs, npf, k0, k1, 8)
             else:
-                _ctile4(x, i, wp, p, out, c, at, pfs, npf, k0, k1, min(4, left))
-            i += min(TILE_ROWS if left >= TILE_ROWS else 4, left)
+                _ctile4(x, i, wp, p, out, c, at, pfs, npf, k0, k1, rows)
+            i += rows
 
 
 @njit(inline="always")
