@@ -11,7 +11,8 @@ slows all of them alike, in an order rotated by r, so no engine always follows t
 engine runs in a process of its own and every timed call follows ``--gap`` seconds of idle, so no
 engine's spinning thread pool takes the cores from the next. Reported per engine: median seconds,
 tokens/s (valid tokens only for the mixed batch), useful GFLOP/s (the FLOPs of the valid tokens,
-so work spent on padding does not count), the share of NumPy's sgemm peak measured in the same run, and ratios to minibert.
+so work spent on padding does not count), the share of NumPy's sgemm peak measured in the same
+run, and ratios to minibert.
 
 Peers, each when installed: PyTorch + transformers (sdpa attention, inference_mode); ONNX Runtime
 (exported with torch.onnx, optimized by onnxruntime.transformers' optimizer, CPU provider);
