@@ -13,15 +13,16 @@ Versions (docs/kernels.md has the measurements):
   time, still in cache when P·V reads it.
 - ``numba_fused``: a task per (sequence, head), 4 query rows at a time, scores, softmax and P·V in
   L1; kept to measure: store-bound without register blocking.
-- ``numba_tiled``: numba_fused's plan with q·kᵀ register-blocked (4 rows × 4 head dims
-  per sweep over the keys), the softmax's max and exp-and-sum as vector loops in LLVM IR
+- ``numba_tiled`` (default on AVX2): numba_fused's plan with q·kᵀ register-blocked (4 rows × 4
+  head dims per sweep over the keys), the softmax's max and exp-and-sum as vector loops in LLVM IR
   (``fastmath.row_max``/``exp_sum``), P·V by gemm.py's tile kernel on V packed into 16-column
   panels (32 on AVX-512; no padding at head sizes 32 and 64). Every sum in an order the code fixes: no
   ``reassoc``, which would round differently in a compiling and a cache-loading process.
-- ``numba_gemm`` (default): q·kᵀ on gemm.py's tile kernel too: per (sequence, head) the scaled queries
-  [L, dH] and the keys packed into 48-column panels (24 on AVX2), 8 query rows a tile on AVX-512
-  (4 on AVX2) whose scores stay in registers over the head dims, where numba_tiled loads and
-  stores each row of scores once per 4 head dims; then the mask, the softmax and P·V as there.
+- ``numba_gemm`` (default on AVX-512): q·kᵀ on gemm.py's tile kernel too: per (sequence, head)
+  the scaled queries [L, dH] and the keys packed into 48-column panels (24 on AVX2), 8 query rows
+  a tile on AVX-512 (4 on AVX2) whose scores stay in registers over the head dims, where
+  numba_tiled loads and stores each row of scores once per 4 head dims; then the mask, the
+  softmax and P·V as there. With AVX2's 4-row tiles it is the slower of the two.
 """
 from __future__ import annotations
 
@@ -263,7 +264,9 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
             _context(s, nr, inv, wp, ctx, out, lo + i0, h * dH, dH)
 
 
-@register("attention", "numba_tiled")
+# The default per vector width, chosen at import: numba_gemm where the tiles are 8 rows (AVX-512),
+# numba_tiled on AVX2, where it ran 4-13 % faster at every shape measured (docs/kernels.md)
+@register("attention", "numba_tiled", default=VECTOR_BYTES == 32)
 def attention_numba_tiled(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_tiled, qkv, starts, n_head, scale, mask)
 
@@ -366,6 +369,11 @@ def _attention_gemm(qkv, starts, mask, has_mask, n_head, scale, out):
                     o[d] = cr[d] * v
 
 
-@register("attention", "numba_gemm", default=True)
+@register("attention", "numba_gemm", default=VECTOR_BYTES != 32)
 def attention_numba_gemm(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_gemm, qkv, starts, n_head, scale, mask)
+
+
+# the default version's kernel and wrapper, for the whole-layer kernel (layer.py)
+_attention, attention_default = ((_attention_tiled, attention_numba_tiled) if VECTOR_BYTES == 32
+                                 else (_attention_gemm, attention_numba_gemm))

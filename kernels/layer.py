@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from .activations import ACT_CODES
-from .attention import _attention_gemm, attention_numba_gemm
+from .attention import _attention, attention_default
 from .dense import ACT_EPILOGUE_ROWS, Prepared
 from .gemm import BIAS_ACT, LAYERNORM, NONE, _gemm_packed, _unused, rows_per_block
 
@@ -32,7 +32,7 @@ def _layer(x, starts, mask, has_mask, n_head, scale, rows_h, rows_i, qkv_p, qkv_
     qkv = np.empty((N, qkv_b.shape[0]), dtype=x.dtype)  # q | k | v, biases added
     _gemm_packed(x, qkv_p, qkv, rows_h, bias_act, qkv_b, none, mat, vec, vec, z, ints)
     context = np.empty((N, H), dtype=x.dtype)
-    _attention_gemm(qkv, starts, mask, has_mask, n_head, scale, context)
+    _attention(qkv, starts, mask, has_mask, n_head, scale, context)
     a = np.empty((N, H), dtype=x.dtype)  # LayerNorm(context·Wᵀ + b + x)
     _gemm_packed(context, ao_p, a, rows_h, layernorm, ao_b, none, x, ln1_w, ln1_b, eps1,
                  np.zeros((N + rows_h - 1) // rows_h, dtype=np.int64))
@@ -75,7 +75,7 @@ def prepare_layer(qkv, attention_output, intermediate, output, attention):
     on read-only weights, the LayerNorm ones with ``ln``) and ``attention`` is the default
     attention kernel; else None (the layer runs kernel by kernel)."""
     parts = (qkv, attention_output, intermediate, output)
-    if attention is not attention_numba_gemm or not all(type(p) is Prepared for p in parts):
+    if attention is not attention_default or not all(type(p) is Prepared for p in parts):
         return None
     if qkv.ln is not None or qkv.act is not None or intermediate.ln is not None or \
             attention_output.ln is None or output.ln is None:
