@@ -266,7 +266,10 @@ def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
 
 # The default per vector width, chosen at import: numba_gemm where the tiles are 8 rows (AVX-512),
 # numba_tiled on AVX2, where it ran 4-13 % faster at every shape measured (docs/kernels.md)
-@register("attention", "numba_tiled", default=VECTOR_BYTES == 32)
+TILED_DEFAULT = VECTOR_BYTES == 32
+
+
+@register("attention", "numba_tiled", default=TILED_DEFAULT)
 def attention_numba_tiled(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_tiled, qkv, starts, n_head, scale, mask)
 
@@ -369,11 +372,11 @@ def _attention_gemm(qkv, starts, mask, has_mask, n_head, scale, out):
                     o[d] = cr[d] * v
 
 
-@register("attention", "numba_gemm", default=VECTOR_BYTES != 32)
+@register("attention", "numba_gemm", default=not TILED_DEFAULT)
 def attention_numba_gemm(qkv, starts, n_head, scale, mask=None):
     return _run(_attention_gemm, qkv, starts, n_head, scale, mask)
 
 
 # the default version's kernel and wrapper, for the whole-layer kernel (layer.py)
-_attention, attention_default = ((_attention_tiled, attention_numba_tiled) if VECTOR_BYTES == 32
+_attention, attention_default = ((_attention_tiled, attention_numba_tiled) if TILED_DEFAULT
                                  else (_attention_gemm, attention_numba_gemm))
