@@ -24,6 +24,8 @@ straight-line multiply-adds and a bit cast that LLVM turns into 8-wide AVX2 code
 - ``row_max(a)`` / ``exp_sum(a, m)``: a softmax row's two passes as vector loops written in LLVM IR
   (``exp_sum``: the float32 exp and the sum in lanes_sum's order, in one pass): 0.67 -> 0.43 ns an
   element at 512 keys against lanes_max, an exp loop and lanes_sum, bit for bit the same result.
+  ``exp_sum`` takes m >= every a[j] (the row's maximum): its exp is built for arguments <= 0 and
+  right up to 88.3, past which 2^n would overflow its exponent bits.
 
 Caution when editing this file: Numba's on-disk cache (``cache=True``) of a kernel in another
 file is keyed on that file, not on this one, so a kernel compiled before an edit here keeps the
@@ -63,6 +65,7 @@ _LOG2E, _LN2_HI, _LN2_LO = f32(1.44269504088896341), f32(0.693359375), f32(-2.12
 _P0, _P1, _P2 = f32(1.9875691500e-4), f32(1.3981999507e-3), f32(8.3334519073e-3)
 _P3, _P4, _P5 = f32(4.1665795894e-2), f32(1.6666665459e-1), f32(5.0000001201e-1)
 _HALF, _ONE = f32(0.5), f32(1.0)
+_ROUND = f32(1.5 * 2 ** 23 + 127)  # adding it rounds to an integer n, n + 127 in the low mantissa bits
 
 
 @njit(inline="always")
@@ -208,19 +211,23 @@ class _Vec:
                                             f"llvm.{name}.{suffix}")
         return self.b.call(fn, list(args))
 
-    def exp32(self, x):  # exp_f32 step for step, its multiply-adds as FMAs
+    def exp32(self, x):  # exp_f32's polynomial, its multiply-adds as FMAs, for x <= 88.3
+        # n by adding 1.5·2^23 + 127, which rounds x·log2(e) to an integer in the low bits of t:
+        # its bits shifted make 2^n, with no floor or conversion (0.72 -> 0.49 ns an element, a
+        # softmax row of 512, AVX2). A NaN x goes through every step and comes out NaN
         b, c, fma = self.b, self.const, lambda *a: self.call("fma", *a)
-        xc = self.call("minnum", self.call("maxnum", x, c(_EXP_LO)), c(_EXP_HI))
-        n = self.call("floor", fma(xc, c(_LOG2E), c(_HALF)))
+        i32 = ir.IntType(32)
+        low = b.fcmp_ordered("<", x, c(_EXP_LO))  # -> exactly 0
+        xc = b.select(low, c(_EXP_LO), x)
+        t = fma(xc, c(_LOG2E), c(_ROUND))
+        n = b.fsub(t, c(_ROUND))
         r = fma(b.fneg(n), c(_LN2_LO), fma(b.fneg(n), c(_LN2_HI), xc))
         y = fma(c(_P0), r, c(_P1))
         for p in (_P2, _P3, _P4, _P5):
             y = fma(y, r, c(p))
         y = b.fadd(fma(b.fmul(y, r), r, r), c(_ONE))
-        i32 = ir.IntType(32)
-        two_n = b.bitcast(b.shl(b.add(b.fptosi(n, self.const(0, i32).type), c(127, i32)), c(23, i32)), self.t)
-        e = b.select(b.fcmp_ordered(">=", x, c(_EXP_LO)), b.fmul(y, two_n), c(0.0))
-        return b.select(b.fcmp_ordered("ord", x, x), e, x)
+        two_n = b.bitcast(b.shl(b.bitcast(t, self.const(0, i32).type), c(23, i32)), self.t)
+        return b.select(low, c(0.0), b.fmul(y, two_n))
 
 
 def _loop(builder, start, stop):  # for i in range(start, stop), i64 bounds

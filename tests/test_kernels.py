@@ -322,6 +322,14 @@ def test_softmax_row_loops(dtype):
     x = np.ones(20, dtype=dtype)
     x[13] = np.nan
     assert np.isnan(loops(x.copy())[1]), "a NaN score must reach the sum"
+    if dtype == "float32":  # the vector exp over its whole range: within 2 ulp, 0 below e^-87.3
+        x = np.append(np.linspace(-87.33, 0, 300_001), [-87.34, -1e30, -np.inf]).astype(np.float32)
+        a = x.copy()
+        loops(a)
+        ref = np.exp(x[:-3].astype(np.float64))
+        ulps = np.abs(a[:-3] - ref) / np.spacing(ref.astype(np.float32))
+        assert ulps.max() <= 2, f"exp: {ulps.max():.2f} ulp at x = {x[np.argmax(ulps)]}"
+        assert (a[-3:] == 0).all(), f"exp below -87.34 must be exactly 0, got {a[-3:]}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
