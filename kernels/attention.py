@@ -13,16 +13,18 @@ Versions (docs/kernels.md has the measurements):
   time, still in cache when P·V reads it.
 - ``numba_fused``: a task per (sequence, head), 4 query rows at a time, scores, softmax and P·V in
   L1; kept to measure: store-bound without register blocking.
-- ``numba_tiled`` (default on AVX2): numba_fused's plan with q·kᵀ register-blocked (4 rows × 4
-  head dims per sweep over the keys), the softmax's max and exp-and-sum as vector loops in LLVM IR
-  (``fastmath.row_max``/``exp_sum``), P·V by gemm.py's tile kernel on V packed into 16-column
-  panels (32 on AVX-512; no padding at head sizes 32 and 64). Every sum in an order the code fixes: no
-  ``reassoc``, which would round differently in a compiling and a cache-loading process.
-- ``numba_gemm`` (default on AVX-512): q·kᵀ on gemm.py's tile kernel too: per (sequence, head)
-  the scaled queries [L, dH] and the keys packed into 48-column panels (24 on AVX2), 8 query rows
-  a tile on AVX-512 (4 on AVX2) whose scores stay in registers over the head dims, where
-  numba_tiled loads and stores each row of scores once per 4 head dims; then the mask, the
-  softmax and P·V as there. With AVX2's 4-row tiles it is the slower of the two.
+- ``numba_tiled`` (default on AVX2): numba_fused's plan (a task per (sequence, head), 4 query
+  rows at a time, their [4, L] scores in L1) with each product on gemm.py's tile kernel: q·kᵀ on
+  the keys packed into 24-column panels (48 on AVX-512), each score in registers over all head
+  dims, no prefetching (a partial last panel through a scratch, so the scores are L wide); the
+  softmax's max and exp-and-sum as vector loops in LLVM IR (``fastmath.row_max``/``exp_sum``);
+  P·V on V packed into 16-column panels (32 on AVX-512; no padding at head sizes 32 and 64).
+  Every sum in an order the code fixes: no ``reassoc``, which would round differently in a
+  compiling and a cache-loading process.
+- ``numba_gemm`` (default on AVX-512): q·kᵀ on the same key panels with gemm.py's tile loop
+  (``_tiles``: 8 query rows a tile on AVX-512, 4 on AVX2, prefetching the next panel), the keys
+  padded to whole panels through the softmax and P·V (8-row V tiles on AVX-512). On AVX2 it is
+  the slower of the two: its prefetches and the padding cost more than they save there.
 """
 from __future__ import annotations
 
@@ -138,56 +140,48 @@ def attention_numba_fused(qkv, starts, n_head, scale, mask=None):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def _head_transposed(qkv, lo, L, col, dH):  # qkv[lo:lo+L, col:col+dH]ᵀ -> [dH, L], contiguous rows
-    # 8 source rows at a time, so each row of the result is written 8 contiguous values at a
-    # time: 0.65 -> 0.40 ms of bert-base (8, 128)'s 4 ms, against one element at a time
-    t = np.empty((dH, L), dtype=qkv.dtype)
-    L8 = L - L % 8
-    for j in range(0, L8, 8):
-        r0, r1 = qkv[lo + j, col:col + dH], qkv[lo + j + 1, col:col + dH]
-        r2, r3 = qkv[lo + j + 2, col:col + dH], qkv[lo + j + 3, col:col + dH]
-        r4, r5 = qkv[lo + j + 4, col:col + dH], qkv[lo + j + 5, col:col + dH]
-        r6, r7 = qkv[lo + j + 6, col:col + dH], qkv[lo + j + 7, col:col + dH]
-        for d in range(dH):
-            td = t[d]
-            td[j], td[j + 1], td[j + 2], td[j + 3] = r0[d], r1[d], r2[d], r3[d]
-            td[j + 4], td[j + 5], td[j + 6], td[j + 7] = r4[d], r5[d], r6[d], r7[d]
-    for j in range(L8, L):
-        src = qkv[lo + j, col:col + dH]
-        for d in range(dH):
-            t[d, j] = src[d]
-    return t
+def _pack_k(qkv, lo, L, col, dH, kp):  # kp[p, d, c] = qkv[lo + p·NR + c, col + d] for the L keys
+    # 8 keys of a panel at a time: 8 contiguous values a write. A panel is 24 or 48 float32 wide
+    # but 12 float64 on AVX2, so the blocks of 8 stop at each panel's end
+    NR = kp.shape[2]
+    for p in range((L + NR - 1) // NR):
+        j0, j1 = p * NR, min(L, p * NR + NR)
+        j = j0
+        while j + 8 <= j1:
+            r0, r1 = qkv[lo + j, col:col + dH], qkv[lo + j + 1, col:col + dH]
+            r2, r3 = qkv[lo + j + 2, col:col + dH], qkv[lo + j + 3, col:col + dH]
+            r4, r5 = qkv[lo + j + 4, col:col + dH], qkv[lo + j + 5, col:col + dH]
+            r6, r7 = qkv[lo + j + 6, col:col + dH], qkv[lo + j + 7, col:col + dH]
+            c = j - j0
+            for d in range(dH):
+                t = kp[p, d]
+                t[c], t[c + 1], t[c + 2], t[c + 3] = r0[d], r1[d], r2[d], r3[d]
+                t[c + 4], t[c + 5], t[c + 6], t[c + 7] = r4[d], r5[d], r6[d], r7[d]
+            j += 8
+        for k in range(j, j1):
+            src = qkv[lo + k, col:col + dH]
+            for d in range(dH):
+                kp[p, d, k - j0] = src[d]
+
+
+# 4 query rows against a panel of keys: gemm.py's tile kernel without its prefetches (the
+# keys are in L2 already; prefetching cost q·kᵀ ~25 % here, AVX2)
+_qk_tile = _tile_kernel(4, PANEL_VECTORS, False)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def _scores(qkv, r0, nr, qo, dH, kt, scale, s):
-    # s[r, :] (holding the mask row) += (q[r0+r]·scale)·Kᵀ for nr <= 4 query rows
-    D4 = dH - dH % 4
-    if nr == 4:
-        s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
-        q0, q1 = qkv[r0, qo:qo + dH], qkv[r0 + 1, qo:qo + dH]
-        q2, q3 = qkv[r0 + 2, qo:qo + dH], qkv[r0 + 3, qo:qo + dH]
-        for d in range(0, D4, 4):
-            k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
-            a00, a01, a02, a03 = q0[d] * scale, q0[d + 1] * scale, q0[d + 2] * scale, q0[d + 3] * scale
-            a10, a11, a12, a13 = q1[d] * scale, q1[d + 1] * scale, q1[d + 2] * scale, q1[d + 3] * scale
-            a20, a21, a22, a23 = q2[d] * scale, q2[d + 1] * scale, q2[d + 2] * scale, q2[d + 3] * scale
-            a30, a31, a32, a33 = q3[d] * scale, q3[d + 1] * scale, q3[d + 2] * scale, q3[d + 3] * scale
-            for j in range(s0.size):
-                b0, b1, b2, b3 = k0[j], k1[j], k2[j], k3[j]
-                s0[j] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
-                s1[j] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
-                s2[j] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
-                s3[j] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
-        d0 = D4
-    else:
-        d0 = 0
-    for r in range(nr):  # the last 1-3 query rows, and head dims past a multiple of 4: one at a time
-        sr, qr = s[r], qkv[r0 + r, qo:qo + dH]
-        for d in range(d0, dH):
-            a, kd = qr[d] * scale, kt[d]
-            for j in range(sr.size):
-                sr[j] += a * kd[j]
+def _scores(q4, kp, L, s, last):
+    # s[:4, :L] = q4 @ Kᵀ, the keys packed into panels kp [P, dH, NR]: each score in registers
+    # over all head dims. A last partial panel goes through ``last`` [4, NR], so s is L wide,
+    # as the softmax and P·V want it
+    NR = kp.shape[2]
+    full = L // NR
+    for p in range(full):
+        _qk_tile(q4, 0, kp, p, s, p * NR, 0, 0)
+    if full < kp.shape[0]:
+        _qk_tile(q4, 0, kp, full, last, 0, 0, 0)
+        for r in range(4):
+            s[r, full * NR:L] = last[r, :L - full * NR]
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -239,27 +233,37 @@ def _context(s, nr, inv, wp, ctx, out, r0, col, dH):
 def _attention_tiled(qkv, starts, mask, has_mask, n_head, scale, out):
     H = qkv.shape[1] // 3
     dH = H // n_head
+    NR = PANEL_VECTORS * VECTOR_BYTES // qkv.itemsize  # keys per K panel: 24 float32 (48 on AVX-512)
+    NV = V_VECTORS * VECTOR_BYTES // qkv.itemsize  # head dims per V panel: 16 float32 (32 on AVX-512)
     for task in prange((starts.size - 1) * n_head):
         b, h = task // n_head, task % n_head
         lo, L = starts[b], starts[b + 1] - starts[b]
         if L == 0:
             continue
-        kt = _head_transposed(qkv, lo, L, H + h * dH, dH)  # [dH, L]
-        add = np.zeros(L, dtype=qkv.dtype)  # the mask row: where every row of scores starts
-        if has_mask:
-            add[:] = mask[b, :L]
-        s = np.empty((4, L), dtype=qkv.dtype)  # scores, then probabilities, of 4 query rows
-        inv = np.empty(4, dtype=qkv.dtype)
-        NR = V_VECTORS * VECTOR_BYTES // qkv.itemsize  # the V panels' width: 16 float32 (32 on AVX-512)
-        P = (dH + NR - 1) // NR
-        wp = np.empty((P, L, NR), dtype=qkv.dtype)  # V in panels, for the tile kernel
+        PK = (L + NR - 1) // NR
+        kp = np.empty((PK, dH, NR), dtype=qkv.dtype)  # kp[p, d, c] = k[p·NR + c, d]
+        kp[PK - 1] = 0  # keys past L in the last panel: their scores are computed, never read
+        _pack_k(qkv, lo, L, H + h * dH, dH, kp)
+        wp = np.empty(((dH + NV - 1) // NV, L, NV), dtype=qkv.dtype)  # V in panels, for the tile kernel
         _pack_v(qkv, lo, 2 * H + h * dH, dH, wp)
-        ctx = np.empty((4, P * NR), dtype=qkv.dtype)  # the 4 rows' unnormalized context
+        q4 = np.zeros((4, dH), dtype=qkv.dtype)  # 4 query rows, scaled: the tile kernel's rows
+        s = np.empty((4, L), dtype=qkv.dtype)  # scores, then probabilities, of the 4 rows
+        last = np.empty((4, NR), dtype=qkv.dtype)
+        inv = np.empty(4, dtype=qkv.dtype)
+        ctx = np.empty((4, wp.shape[0] * NV), dtype=qkv.dtype)  # the 4 rows' unnormalized context
         for i0 in range(0, L, 4):
             nr = min(4, L - i0)
-            for r in range(nr):
-                s[r, :] = add
-            _scores(qkv, lo + i0, nr, h * dH, dH, kt, scale, s)
+            for r in range(nr):  # rows past nr keep zeros (or an earlier row): computed, not used
+                src, dst = qkv[lo + i0 + r, h * dH:h * dH + dH], q4[r]
+                for d in range(dH):
+                    dst[d] = src[d] * scale
+            _scores(q4, kp, L, s, last)
+            if has_mask:
+                mr = mask[b]
+                for r in range(nr):
+                    row = s[r]
+                    for j in range(L):
+                        row[j] += mr[j]
             _softmax_rows(s, nr, inv)
             _context(s, nr, inv, wp, ctx, out, lo + i0, h * dH, dH)
 
@@ -298,31 +302,6 @@ def _value_tiles(s, nr, vp, p, ctx):  # ctx[:nr, p·NV:(p+1)·NV] = s[:nr] @ vp[
         _vtile2(s, i, vp, p, ctx, c, 0, 0)
     elif rest == 1:
         _vtile1(s, i, vp, p, ctx, c, 0, 0)
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def _pack_k(qkv, lo, L, col, dH, kp):  # kp[p, d, c] = qkv[lo + p·NR + c, col + d] for the L keys
-    # 8 keys of a panel at a time: 8 contiguous values a write. A panel is 24 or 48 float32 wide
-    # but 12 float64 on AVX2, so the blocks of 8 stop at each panel's end
-    NR = kp.shape[2]
-    for p in range((L + NR - 1) // NR):
-        j0, j1 = p * NR, min(L, p * NR + NR)
-        j = j0
-        while j + 8 <= j1:
-            r0, r1 = qkv[lo + j, col:col + dH], qkv[lo + j + 1, col:col + dH]
-            r2, r3 = qkv[lo + j + 2, col:col + dH], qkv[lo + j + 3, col:col + dH]
-            r4, r5 = qkv[lo + j + 4, col:col + dH], qkv[lo + j + 5, col:col + dH]
-            r6, r7 = qkv[lo + j + 6, col:col + dH], qkv[lo + j + 7, col:col + dH]
-            c = j - j0
-            for d in range(dH):
-                t = kp[p, d]
-                t[c], t[c + 1], t[c + 2], t[c + 3] = r0[d], r1[d], r2[d], r3[d]
-                t[c + 4], t[c + 5], t[c + 6], t[c + 7] = r4[d], r5[d], r6[d], r7[d]
-            j += 8
-        for k in range(j, j1):
-            src = qkv[lo + k, col:col + dH]
-            for d in range(dH):
-                kp[p, d, k - j0] = src[d]
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
