@@ -226,7 +226,9 @@ def test_head_mask_is_transformers_4s(checkpoint, batch, kernels, shape):
             if full[i, h] == 0:
                 assert np.all(ours.attentions[i][:, h] == 0), f"layer {i} head {h} not masked"
     ones = model(ids, mask, tt, head_mask=np.ones(nH)).last_hidden_state
-    assert_close(ones, model(ids, mask, tt).last_hidden_state, TOL["route_fp32"], "head_mask of ones")
+    # a head mask runs attention on the NumPy route (BLAS products, the softmax kernel), without
+    # it the fused kernel: two kernels' summation orders through two layers, hence kernel_fp32
+    assert_close(ones, model(ids, mask, tt).last_hidden_state, TOL["kernel_fp32"], "head_mask of ones")
 
 
 def test_bad_patches_and_head_masks_are_named(checkpoint, batch):
