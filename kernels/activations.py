@@ -20,9 +20,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
-from .fastmath import fexp, ferf
+from .fastmath import _EXP_HI, LANES_BYTES, _Vec, fexp, ferf
 from .registry import FASTMATH, register
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -125,13 +128,141 @@ NONE, GELU, GELU_TANH, RELU, SILU = 0, 1, 2, 3, 4  # act_row's codes; NONE adds 
 ACT_CODES = {None: NONE, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "silu": SILU}
 
 
+def act_row(src, b, dst, act):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(act_row, inline="always")
+def _act_row(src, b, dst, act):
+    # dst[j] = act(src[j] + b[j]) over one row, act one of the codes above; dst may be src.
+    # float32 contiguous rows: the vector loops of _act_row32, whatever the row's length; else
+    # (float64, strided views) the loops below
+    if _f32(src, b, dst) and src.ndim == b.ndim == dst.ndim == 1:
+        return lambda src, b, dst, act: _act_row32(src, b, dst, act)
+    return lambda src, b, dst, act: _act_loops(src, b, dst, act)
+
+
+def _act32(v, x, act):
+    """IR for act(x) on a _Vec's type, act a code (a Python int): fixed FMAs and no fast-math
+    flags, so a lane of a vector and the scalar tail give the same bits."""
+    b, c = v.b, v.const
+    if act == GELU:  # 0.5·x·(1 + erf(x/√2))
+        return b.fmul(b.fmul(c(0.5), x), b.fadd(c(1.0), v.erf32(b.fmul(x, c(_SQRT_HALF)))))
+    if act in (GELU_TANH, SILU):  # x / (1 + e^z), z as in _act_loops; e^z saturates at e^88
+        if act == GELU_TANH:
+            inner = b.fadd(x, b.fmul(c(0.044715), b.fmul(b.fmul(x, x), x)))
+            z = b.fmul(c(-2.0), b.fmul(c(_SQRT_2_OVER_PI), inner))
+        else:
+            z = b.fneg(x)
+        z = b.select(b.fcmp_ordered(">", z, c(_EXP_HI)), c(_EXP_HI), z)
+        return b.fdiv(x, b.fadd(c(1.0), v.exp32(z)))
+    if act == RELU:  # max(x, 0) as Python's max: a NaN stays
+        return b.select(b.fcmp_ordered("<", x, c(0.0)), c(0.0), x)
+    return x
+
+
+def _switch_act(builder, code, body):
+    """IR running ``body(act)`` (which emits one act code's computation) for the code ``code``
+    (i64) holds at run time; an unknown code runs NONE's (the bias only)."""
+    blocks = {act: builder.append_basic_block(f"act.{act}") for act in (NONE, GELU, GELU_TANH, RELU, SILU)}
+    end = builder.append_basic_block("act.end")
+    switch = builder.switch(code, blocks[NONE])
+    for act, block in blocks.items():
+        switch.add_case(ir.Constant(code.type, act), block)
+        builder.position_at_end(block)
+        body(act)
+        builder.branch(end)
+    builder.position_at_end(end)
+
+
+def _emit_act(context, builder, code, rows, n, row_ptrs):
+    """IR of ``dst[j] = act(src[j] + b[j])``, j < n, for each of ``rows`` rows, ``row_ptrs(r)``
+    giving row r's (src, b, dst) float32 pointers: 8 lanes a step, then the tail one at a time."""
+    ft, i64 = ir.FloatType(), ir.IntType(64)
+    W = LANES_BYTES // 4
+    nv = builder.udiv(n, ir.Constant(i64, W))
+
+    def body(act):
+        with cgutils.for_range(builder, rows) as row:
+            ptrs = row_ptrs(row.index)
+            for lanes, lo, hi in ((W, ir.Constant(i64, 0), nv), (1, builder.mul(nv, ir.Constant(i64, W)), n)):
+                src, b, dst = (_Vec(builder, ft, lanes, p) for p in ptrs)
+                with cgutils.for_range(builder, hi, start=lo) as loop:
+                    dst.store(_act32(dst, builder.fadd(src.load(loop.index), b.load(loop.index)), act), loop.index)
+
+    _switch_act(builder, code, body)
+
+
+def _f32(*arrays):
+    return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 for a in arrays)
+
+
+@intrinsic
+def _act_row32(typingctx, src, b, dst, act):
+    """float32 ``act_row``: a row of any length in whole vectors and a tail (LLVM's own vector
+    loop took twice as long an element over the 24-column rows of a GEMM tile, measured)."""
+    if not (_f32(src, b, dst) and src.ndim == b.ndim == dst.ndim == 1 and isinstance(act, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arrs = [context.make_array(sig.args[k])(context, builder, args[k]) for k in range(3)]
+        code = context.cast(builder, args[3], sig.args[3], types.int64)
+        n = builder.extract_value(arrs[0].shape, 0)
+        _emit_act(context, builder, code, ir.Constant(ir.IntType(64), 1), n, lambda r: [a.data for a in arrs])
+        return context.get_dummy_value()
+
+    return types.void(src, b, dst, act), codegen
+
+
+@intrinsic
+def _act_tile32(typingctx, out, i, rows, c, n, bias, boff, act):
+    """float32 ``act_tile``: in place, rows i:i+rows, columns c:c+n of ``out``, bias from
+    ``bias[boff]``; the same loops (and bits) as ``_act_row32`` on each row."""
+    if not (_f32(out, bias) and out.ndim == 2 and bias.ndim == 1 and isinstance(act, types.Integer)):
+        return None
+    sig = types.void(out, i, rows, c, n, bias, boff, act)
+
+    def codegen(context, builder, sig, args):
+        o, bv = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 5))
+        i0, nrows, c0, n, b0, code = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 3, 4, 6, 7))
+        ld = builder.extract_value(o.shape, 1)
+        bp = builder.gep(bv.data, [b0])
+
+        def row_ptrs(r):
+            at = builder.gep(o.data, [builder.add(builder.mul(builder.add(i0, r), ld), c0)])
+            return at, bp, at
+
+        _emit_act(context, builder, code, nrows, n, row_ptrs)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def act_tile(out, i, rows, c, n, bias, boff, act):  # pragma: no cover - replaced by the overload
+    raise NotImplementedError
+
+
+@overload(act_tile, inline="always")
+def _act_tile(out, i, rows, c, n, bias, boff, act):
+    # out[i:i+rows, c:c+n] = act(out[...] + bias[boff:boff+n]) in place: the GEMM's epilogue on a
+    # tile it has just written (kernels/gemm.py), with act_row's numbers
+    if _f32(out, bias):
+        return lambda out, i, rows, c, n, bias, boff, act: _act_tile32(out, i, rows, c, n, bias, boff, act)
+
+    def impl(out, i, rows, c, n, bias, boff, act):
+        bb = bias[boff:boff + n]
+        for r in range(i, i + rows):
+            t = out[r, c:c + n]
+            _act_loops(t, bb, t, act)
+    return impl
+
+
 @njit(inline="always")
-def act_row(src, b, dst, act):
-    # dst[j] = act(src[j] + b[j]) over one row, act one of the codes above: 1-D views of one
-    # length, so the loops vectorize; dst may be src. Inlined into its callers (which are compiled
-    # with fastmath): called as a function of its own, LLVM leaves the erf and exp loops scalar
-    # (5x slower, measured). tanh-GELU and SiLU share one loop, hence one fexp: Numba's SSA pass
-    # trips over two inlined fexp calls in one function.
+def _act_loops(src, b, dst, act):
+    # the loops vectorize once inlined into a caller compiled with fastmath: called as a function
+    # of its own, LLVM leaves the erf and exp loops scalar (5x slower, measured). tanh-GELU and
+    # SiLU share one loop, hence one fexp: Numba's SSA pass trips over two inlined fexp calls in
+    # one function.
     f = dst.dtype.type
     if act == GELU:
         for j in range(src.size):

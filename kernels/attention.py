@@ -284,7 +284,7 @@ _vtile8 = _tile_kernel(8, V_VECTORS, False)
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _key_tiles(x, nr, kp, p, s):  # s[:nr, p·NR:(p+1)·NR] = x[:nr] @ kp[p]: gemm.py's tiles, which
     # prefetch the next key panel meanwhile
-    _tiles(x, 0, nr, kp, p, s, p * kp.shape[2], (p + 1) % kp.shape[0])
+    _tiles(x, 0, nr, kp, p, s, p * kp.shape[2], (p + 1) % kp.shape[0], (s[0], 0, -1))  # act -1: no epilogue
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)

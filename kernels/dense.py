@@ -14,9 +14,9 @@ Versions (docs/kernels.md has the measurements):
 - ``numba``: the default gemm, then the default activation or LayerNorm with the bias fused: two
   kernels, the baseline the fused version is measured against.
 - ``numba_packed`` (default): gemm's numba_packed with an epilogue, one parallel region instead of
-  two: bias (and the activation, up to ``ACT_EPILOGUE_ROWS`` rows) on each tile while it is in
-  L1; bias + residual + LayerNorm by the task that finishes a row block's last panel. The epilogue
-  runs the activation and LayerNorm kernels' own row code, so the numbers are the two kernels'.
+  two: bias and activation on each tile's sums in registers, before they are stored; bias +
+  residual + LayerNorm by the task that finishes a row block's last panel. The epilogue runs the
+  activation and LayerNorm kernels' own formulas, so the numbers are the two kernels'.
   Weights gemm does not pack (writable, other dtypes) and strided ``x`` take the ``numba`` path.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ from .layernorm import layernorm_numpy
 from .registry import default, get, register
 
 ACTIVATIONS = tuple(a for a in ACT_CODES if a is not None)
-ACT_EPILOGUE_ROWS = 256  # above this many rows the activation runs as a pass of its own (see above)
 
 
 def _act_code(act):
@@ -97,12 +96,8 @@ def dense_act_numba_packed(x, weight, bias, act=None):
 
 def _act_packed(x, panels, b, act):  # act(x·Wᵀ + b) from W's panels; arguments checked
     y = np.empty((x.shape[0], b.shape[0]), dtype=x.dtype)
-    if not y.size:
-        return y
-    if act is not None and x.shape[0] > ACT_EPILOGUE_ROWS:  # the activation as a pass of its own
-        gemm_packed(x, panels, y)  # the product alone, then the activation with the bias fused: the
-        return default(act)(y, b)  # bias in the epilogue instead cost ~1 ms more at [1024, 3072]
-    gemm_packed(x, panels, y, b, ACT_CODES[act])
+    if y.size:
+        gemm_packed(x, panels, y, b, ACT_CODES[act])
     return y
 
 

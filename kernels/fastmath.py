@@ -229,6 +229,19 @@ class _Vec:
         two_n = b.bitcast(b.shl(b.bitcast(t, self.const(0, i32).type), c(23, i32)), self.t)
         return b.select(low, c(0.0), b.fmul(y, two_n))
 
+    def erf32(self, x):  # erf_f32's rational function, its multiply-adds as FMAs; NaN stays NaN
+        b, c, fma = self.b, self.const, lambda *a: self.call("fma", *a)
+        x = b.select(b.fcmp_ordered("<", x, c(-_FOUR)), c(-_FOUR), x)
+        x = b.select(b.fcmp_ordered(">", x, c(_FOUR)), c(_FOUR), x)
+        x2 = b.fmul(x, x)
+        p = fma(x2, c(_A13), c(_A11))
+        for a in (_A9, _A7, _A5, _A3, _A1):
+            p = fma(x2, p, c(a))
+        q = fma(x2, c(_B8), c(_B6))
+        for a in (_B4, _B2, _B0):
+            q = fma(x2, q, c(a))
+        return b.fdiv(b.fmul(x, p), q)
+
 
 def _loop(builder, start, stop):  # for i in range(start, stop), i64 bounds
     return cgutils.for_range(builder, stop, start=start)

@@ -29,9 +29,10 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from .activations import NONE, act_row
+from .activations import NONE, _act32, _switch_act, act_tile
+from .fastmath import _Vec
 from .layernorm import ln_row
 from .registry import FASTMATH, register
 
@@ -143,10 +144,15 @@ PANEL_VECTORS = 3  # vectors of columns per panel
 TILE_ROWS = 8 if VECTOR_BYTES == 64 else 4
 
 
-def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
+def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False, epilogue=False):
     """A Numba intrinsic ``tile(x, i, wp, p, out, c, pf, pfs)``: ``out[i:i+rows, c:c+NR] =
     x[i:i+rows] @ wp[p]`` for C-contiguous ``x`` [M, K], panels ``wp`` [P, K, NR] and ``out``
     [M, >= c+NR]; while at it, step k prefetches element ``pf + k·pfs`` of ``wp`` (flat) into L2.
+
+    ``epilogue``: three more arguments ``bias, boff, act``; unless act < 0, float32 sums become
+    ``act(sum + bias[boff + column])`` in registers before they are stored (activations._act32,
+    act_row's numbers), in a chunked tile after its last chunk (k1 = K). ``bias`` holds NR values
+    from boff. float64 tiles store the sums: their activation needs math.erf (``_epilogue``).
 
     ``chunked``: ``tile(x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid)`` runs steps k0 <= k < k1
     only, adding to what ``out`` holds unless k0 is 0 (so a sum run in chunks is the same FMAs in
@@ -159,11 +165,14 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
     x, one ``llvm.fma`` per accumulator and the prefetches. No bounds checks: the caller passes
     valid tiles (a prefetch never faults, whatever the address)."""
 
-    def typer(x, i, wp, p, out, c, pf, pfs, *chunk):
+    def typer(x, i, wp, p, out, c, pf, pfs, *more):
         if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.float64) and x.dtype == wp.dtype
                 and x.dtype == out.dtype):
             return None
-        return types.void(x, i, wp, p, out, c, pf, pfs, *chunk), codegen
+        if epilogue and not (isinstance(more[-3], types.Array) and more[-3].dtype == x.dtype and more[-3].ndim == 1
+                             and more[-3].layout == "C"):
+            return None
+        return types.void(x, i, wp, p, out, c, pf, pfs, *more), codegen
 
     def codegen(context, builder, sig, args):
         xa, wa, oa = (context.make_array(sig.args[n])(context, builder, args[n]) for n in (0, 2, 4))
@@ -223,6 +232,8 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
                 a = builder.shuffle_vector(a, ir.Constant(vt, ir.Undefined), splat)  # x[i + r, k] in every lane
                 for v in range(vectors):
                     builder.store(builder.call(fma, [a, b[v], builder.load(acc[r][v])]), acc[r][v])
+        if epilogue and ft == ir.FloatType():
+            _bias_act(context, builder, sig, args, acc, vt, lanes, builder.icmp_signed("==", k1, K) if chunked else None)
         for r in range(rows):
             stored = builder.icmp_signed("<", const(r), valid) if chunked and r else None
             with builder.if_then(stored) if stored is not None else contextlib.nullcontext():
@@ -230,7 +241,15 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
                     builder.store(builder.load(acc[r][v]), optr[r][v], align=4)
         return context.get_dummy_value()
 
-    if chunked:
+    if chunked and epilogue:
+        @intrinsic
+        def tile(typingctx, x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid, bias, boff, act):
+            return typer(x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid, bias, boff, act)
+    elif epilogue:
+        @intrinsic
+        def tile(typingctx, x, i, wp, p, out, c, pf, pfs, bias, boff, act):
+            return typer(x, i, wp, p, out, c, pf, pfs, bias, boff, act)
+    elif chunked:
         @intrinsic
         def tile(typingctx, x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid):
             return typer(x, i, wp, p, out, c, pf, pfs, npf, k0, k1, valid)
@@ -241,41 +260,78 @@ def _tile_kernel(rows, vectors=PANEL_VECTORS, prefetch=True, chunked=False):
     return tile
 
 
-_tile8, _tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r) for r in (8, 4, 3, 2, 1))
-_ctile8, _ctile4 = (_tile_kernel(r, chunked=True) for r in (8, 4))
+def _bias_act(context, builder, sig, args, acc, vt, lanes, last):
+    # acc[r][v] = act(acc[r][v] + bias[boff + v·lanes ...]) for the tile's (bias, boff, act), the
+    # intrinsic's last three arguments; nothing if act < 0 or (chunked) this is not the last chunk
+    n = len(sig.args)
+    bias = context.make_array(sig.args[n - 3])(context, builder, args[n - 3])
+    boff, code = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (n - 2, n - 1))
+    i64 = ir.IntType(64)
+    go = builder.icmp_signed(">=", code, ir.Constant(i64, 0))
+    with builder.if_then(go if last is None else builder.and_(go, last)):
+        v = _Vec(builder, vt.element, lanes, builder.gep(bias.data, [boff]))
+        b = [v.load(ir.Constant(i64, k)) for k in range(len(acc[0]))]
+        _switch_act(builder, code, lambda act: [
+            builder.store(_act32(v, builder.fadd(builder.load(a), b[k]), act), a)
+            for row in acc for k, a in enumerate(row)])
+
+
+_tile8, _tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r, epilogue=True) for r in (8, 4, 3, 2, 1))
+_ctile8, _ctile4 = (_tile_kernel(r, chunked=True, epilogue=True) for r in (8, 4))
 CHUNKED_ROWS = 4 * TILE_ROWS  # row blocks of up to this many rows run a panel in chunks of K
 K_CHUNK = 64  # panel rows (12 KB on AVX-512) that such a block's tiles run before the next
 PREFETCH_BYTES = 16384  # how far ahead of its reads such a block prefetches
 
 
+def _epilogue(out, i, rows, c, n, epi):  # pragma: no cover - replaced by the overload
+    raise NotImplementedError
+
+
+@overload(_epilogue, inline="always")
+def _epilogue_impl(out, i, rows, c, n, epi):
+    # epi = (bias, boff, act) as the tile kernels take it: float32 tiles apply it in registers;
+    # a float64 tile gets act_tile (math.erf) on the tile just written, while it is in L1
+    if out.dtype == types.float32:
+        return lambda out, i, rows, c, n, epi: None
+
+    def impl(out, i, rows, c, n, epi):
+        if epi[2] >= 0:
+            act_tile(out, i, rows, c, n, epi[0], epi[1], epi[2])
+    return impl
+
+
 @njit(inline="always")
-def _tiles(x, i0, i1, wp, p, out, c, q):
-    # rows i0:i1 of x against panel p, into out[i0:i1, c:c+NR]; meanwhile the tiles prefetch
-    # panel q (the thread's next), each tile its share of the panel's [K, NR] columns
+def _tiles(x, i0, i1, wp, p, out, c, q, epi):
+    # rows i0:i1 of x against panel p, into out[i0:i1, c:c+NR], each tile then its epilogue;
+    # meanwhile the tiles prefetch panel q (the thread's next), each its share of the panel
     K, NR = wp.shape[1], wp.shape[2]
     share = -(-NR // -(-(i1 - i0) // TILE_ROWS))  # columns of panel q per tile
     full = i1 - (i1 - i0) % TILE_ROWS
     for i in range(i0, full, TILE_ROWS):
         pf, pfs = _ahead(q, K, NR, share, (i - i0) // TILE_ROWS)
         if TILE_ROWS == 8:
-            _tile8(x, i, wp, p, out, c, pf, pfs)
+            _tile8(x, i, wp, p, out, c, pf, pfs, epi[0], epi[1], epi[2])
         else:
-            _tile4(x, i, wp, p, out, c, pf, pfs)
+            _tile4(x, i, wp, p, out, c, pf, pfs, epi[0], epi[1], epi[2])
+        _epilogue(out, i, TILE_ROWS, c, NR, epi)
     pf, pfs = _ahead(q, K, NR, share, (full - i0) // TILE_ROWS)
     i, rest = full, i1 - full
     if rest >= 4:  # (8-row tiles only)
-        _tile4(x, i, wp, p, out, c, pf, pfs)
+        _tile4(x, i, wp, p, out, c, pf, pfs, epi[0], epi[1], epi[2])
+        _epilogue(out, i, 4, c, NR, epi)
         i, rest = i + 4, rest - 4
     if rest == 3:
-        _tile3(x, i, wp, p, out, c, pf, pfs)
+        _tile3(x, i, wp, p, out, c, pf, pfs, epi[0], epi[1], epi[2])
     elif rest == 2:
-        _tile2(x, i, wp, p, out, c, pf, pfs)
+        _tile2(x, i, wp, p, out, c, pf, pfs, epi[0], epi[1], epi[2])
     elif rest == 1:
-        _tile1(x, i, wp, p, out, c, pf, pfs)
+        _tile1(x, i, wp, p, out, c, pf, pfs, epi[0], epi[1], epi[2])
+    if rest:
+        _epilogue(out, i, rest, c, NR, epi)
 
 
 @njit(inline="always")
-def _chunked_tiles(x, i0, i1, wp, p, out, c):
+def _chunked_tiles(x, i0, i1, wp, p, out, c, epi):
     # rows i0:i1 (at most CHUNKED_ROWS) of x against panel p, into out[i0:i1, c:c+NR], K_CHUNK
     # steps at a time: every tile runs a chunk while it is in L1, and the tiles share the
     # prefetching of the chunk PREFETCH_BYTES further on in the thread's panels (one after
@@ -295,18 +351,19 @@ def _chunked_tiles(x, i0, i1, wp, p, out, c):
             at, left = pf + j * K_CHUNK * pfs, i1 - i
             rows = 8 if TILE_ROWS == 8 and left >= 8 else min(4, left)
             if rows == 8:
-                _ctile8(x, i, wp, p, out, c, at, pfs, npf, k0, k1, 8)
+                _ctile8(x, i, wp, p, out, c, at, pfs, npf, k0, k1, 8, epi[0], epi[1], epi[2])
             else:
-                _ctile4(x, i, wp, p, out, c, at, pfs, npf, k0, k1, rows)
+                _ctile4(x, i, wp, p, out, c, at, pfs, npf, k0, k1, rows, epi[0], epi[1], epi[2])
             i += rows
+    _epilogue(out, i0, n, c, NR, epi)
 
 
 @njit(inline="always")
-def _block_tiles(x, i0, i1, wp, p, out, c, q):
+def _block_tiles(x, i0, i1, wp, p, out, c, q, epi):
     if i1 - i0 <= CHUNKED_ROWS:
-        _chunked_tiles(x, i0, i1, wp, p, out, c)
+        _chunked_tiles(x, i0, i1, wp, p, out, c, epi)
     else:
-        _tiles(x, i0, i1, wp, p, out, c, q)
+        _tiles(x, i0, i1, wp, p, out, c, q, epi)
 
 
 @njit(inline="always")
@@ -345,9 +402,10 @@ def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weigh
     # x [M, K], panels wp [P, K, NR] of weight [N, K] (N <= P·NR, the last panel zero-padded),
     # out [M, N]; all C-contiguous. Tasks are (row block, panel), row block major: each thread
     # runs its row blocks against every panel, so x is read from cache, the weight once per block.
-    # The epilogue, on each task's tile while it is in cache (kernels/dense.py):
+    # The epilogue (kernels/dense.py):
     # - PRODUCT: none, out = x·Wᵀ (the other arguments are not read);
-    # - BIAS_ACT: out = act(out + bias [N]) per tile, act a code of activations.act_row;
+    # - BIAS_ACT: out = act(out + bias [N]) on each tile as it is written, while it is in L1,
+    #   act a code of activations.act_row;
     # - LAYERNORM: the task that finishes a row block's last panel (``done`` [blocks] int64 zeros
     #   counts them) turns the block's rows into LayerNorm((out + bias) + residual [M, N]).
     # One signature for all three, so the kernel compiles once per dtype (~5 s cold, each variant).
@@ -356,24 +414,24 @@ def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weigh
     M, N, P, NR = x.shape[0], out.shape[1], wp.shape[0], wp.shape[2]
     full = N // NR
     blocks = (M + block_rows - 1) // block_rows
+    bp = np.zeros(P * NR, dtype=out.dtype)  # the bias padded to whole panels, as the tiles read it
+    code = act if epilogue == BIAS_ACT else -1
+    if code >= 0:
+        bp[:N] = bias
     for t in prange(blocks * P):
         b, p = t // P, t % P
         i0 = b * block_rows
         i1 = min(M, i0 + block_rows)
         q = (p + 1) % P  # the panel of task t + 1, this thread's next under a static schedule
-        c0, c1 = p * NR, min(N, p * NR + NR)
+        c0 = p * NR
+        epi = (bp, c0, code)
         if p < full:
-            _block_tiles(x, i0, i1, wp, p, out, c0, q)
+            _block_tiles(x, i0, i1, wp, p, out, c0, q, epi)
         else:  # the padded last panel: through a scratch tile, then its real columns
             tmp = np.empty((M, NR), dtype=out.dtype)
-            _block_tiles(x, i0, i1, wp, p, tmp, 0, q)
+            _block_tiles(x, i0, i1, wp, p, tmp, 0, q, epi)
             out[i0:i1, c0:] = tmp[i0:i1, :N - c0]
-        if epilogue == BIAS_ACT:
-            bb = bias[c0:c1]
-            for i in range(i0, i1):
-                tile = out[i, c0:c1]
-                act_row(tile, bb, tile, act)
-        elif epilogue == LAYERNORM:
+        if epilogue == LAYERNORM:
             if _fetch_add(done, b, 1) == P - 1:  # every panel of this row block is done
                 for i in range(i0, i1):
                     ln_row(out[i], bias, residual[i], ln_weight, ln_bias, eps, out[i])

@@ -4,9 +4,8 @@ the same arguments from one Numba function, so the numbers are the same bits.
 
 Why: a few rows' pass is short enough that the Python between kernels counts. MiniLM (1, 16)
 back to back spent ~0.5 ms of its ~2.5 ms in Python (443 calls a pass), the same kernels called
-layer by layer from here ~1.9 ms (docs/performance.md). Used up to ``ACT_EPILOGUE_ROWS`` rows,
-where the activation runs in the GEMM's epilogue; above that the per-kernel path's Python is a
-small share of the pass.
+layer by layer from here ~1.9 ms (docs/performance.md). Used up to ``LAYER_ROWS`` rows: above
+that the per-kernel path's Python is a small share of the pass.
 """
 from __future__ import annotations
 
@@ -15,8 +14,10 @@ from numba import njit
 
 from .activations import ACT_CODES
 from .attention import _attention, attention_default
-from .dense import ACT_EPILOGUE_ROWS, Prepared
+from .dense import Prepared
 from .gemm import BIAS_ACT, LAYERNORM, NONE, _gemm_packed, _unused, rows_per_block
+
+LAYER_ROWS = 256  # the most rows a layer runs in one call
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
@@ -51,7 +52,7 @@ class PreparedLayer:
     Made by :func:`prepare_layer` from four :class:`Prepared` dense layers."""
 
     __slots__ = ("weights", "intermediate")
-    max_rows = ACT_EPILOGUE_ROWS
+    max_rows = LAYER_ROWS
 
     def __init__(self, qkv, attention_output, intermediate, output):
         ao, it, ou = attention_output, intermediate, output

@@ -651,10 +651,10 @@ def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):
     D.dense_layernorm_numba_packed(x, frozen, b, res, ones, b, 1e-12)
     D.dense_act_numba_packed(np.asfortranarray(x), frozen, b)  # strided x: the two kernels
     assert calls == [D.ACT_CODES["gelu"], "ln"]
-    many = np.ones((D.ACT_EPILOGUE_ROWS + 1, 24), np.float32)
-    D.dense_act_numba_packed(many, frozen, b, "gelu")  # many rows: the product, then bias + GELU as a pass
-    D.dense_act_numba_packed(many, frozen, b)  # the bias alone stays in the epilogue at any N
-    assert calls == [D.ACT_CODES["gelu"], "ln", "product", 0]
+    many = np.ones((1025, 24), np.float32)
+    D.dense_act_numba_packed(many, frozen, b, "gelu")  # the epilogue at any number of rows
+    D.dense_act_numba_packed(many, frozen, b)
+    assert calls == [D.ACT_CODES["gelu"], "ln", D.ACT_CODES["gelu"], 0]
 
 
 @pytest.mark.parametrize("version", available("dense_act"))
@@ -685,7 +685,7 @@ def test_dense_layernorm_rejects_bad_arguments(version):
 @pytest.mark.parametrize("N", [1, 16, 300])
 def test_prepared_dense_layers_equal_the_ops(dtype, N):
     """dense.prepare (the model's dense layers, made at load) runs the same kernel as dense_act / dense_layernorm
-    on the same arguments: equal values, above ACT_EPILOGUE_ROWS too; None for a writable weight."""
+    on the same arguments: equal values; None for a writable weight."""
     from minibert.kernels import dense as D
 
     rng = np.random.default_rng(24)
