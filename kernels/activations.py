@@ -119,11 +119,10 @@ silu_numba = register("silu", "numba")(_elementwise(_silu_loop))
 # --- numba v2: vectorizable float32 math, both cores -----------------------------------------------
 # The v1 loops call math.erf / math.tanh, which LLVM cannot vectorize here (no SVML), so they run
 # one element at a time. v2 computes erf and exp in float32 with the multiply-add formulas of
-# fastmath.py (8 lanes of AVX2) and splits the array over Numba's threads (prange). float64 input
-# keeps math.erf/math.exp: fp64 parity needs them. fastmath=True lets LLVM fuse and reorder the
-# multiply-adds; the results stay within the kernel tolerance (a few float32 ulps; erf's
-# approximation is within 4e-7 of math.erf). The formulas are in act_row, which the dense layers'
-# GEMM also runs on each tile it has just written (kernels/dense.py).
+# fastmath.py, as vector IR of fixed FMAs (_act_row32, 8 lanes of AVX2), and splits the array over
+# Numba's threads (prange); within the kernel tolerance (a few float32 ulps; erf's approximation
+# is within 4e-7 of math.erf). The dense layers' GEMM applies the same formulas (_act32) to each
+# tile's sums (kernels/gemm.py): the same bits. float64 keeps math.erf/math.exp (fp64 parity).
 NONE, GELU, GELU_TANH, RELU, SILU = 0, 1, 2, 3, 4  # act_row's codes; NONE adds the bias only
 ACT_CODES = {None: NONE, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "silu": SILU}
 

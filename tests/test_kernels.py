@@ -657,6 +657,30 @@ def test_dense_fused_path_runs_for_read_only_weights_only(monkeypatch):
     assert calls == [D.ACT_CODES["gelu"], "ln", D.ACT_CODES["gelu"], 0]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu"])
+def test_dense_act_epilogue_has_the_activation_kernels_bits(dtype, act):
+    """The epilogue (float32: in the tile's registers) gives the bits of the product followed by the
+    default activation kernel with the bias, over whole tiles, the chunked few-row path and the
+    padded last panel."""
+    from minibert.kernels import gemm as G
+    from minibert.kernels.activations import ACT_CODES
+
+    rng = np.random.default_rng(25)
+    N, K = 2 * G.panel_width(dtype) + 7, G.K_CHUNK + 3
+    w = (0.05 * rng.standard_normal((N, K))).astype(dtype)
+    b = rng.standard_normal(N).astype(dtype)
+    panels = G.pack(w)
+    for M in (3, G.CHUNKED_ROWS, 203):
+        x = (4 * rng.standard_normal((M, K))).astype(dtype)
+        fused, product = np.empty((M, N), dtype), np.empty((M, N), dtype)
+        G.gemm_packed(x, panels, fused, b, ACT_CODES[act])
+        G.gemm_packed(x, panels, product)
+        two = product + b if act is None else kernels.default(act)(product, b)
+        diff = np.abs(fused - two).max()
+        assert np.array_equal(fused, two), f"{act} {dtype} {M} rows: max abs difference {diff:.3g}"
+
+
 @pytest.mark.parametrize("version", available("dense_act"))
 def test_dense_act_rejects_bad_arguments(version):
     f = get("dense_act", version)
