@@ -142,17 +142,15 @@ def _act_row(src, b, dst, act):
 
 
 def _act32(v, x, act):
-    """IR for act(x) on a _Vec's type, act a code (a Python int): fixed FMAs and no fast-math
-    flags, so a lane of a vector and the scalar tail give the same bits."""
+    """IR for act(x) on a _Vec's type: fixed FMAs and no fast-math flags, so a lane of a vector and
+    the scalar tail give the same bits. ``act`` a code (a Python int), or ``(GELU_TANH, tanh)``
+    from _switch_act: tanh-GELU where the i1 ``tanh`` is set, else SiLU (one exp for both)."""
     b, c = v.b, v.const
     if act == GELU:  # 0.5·x·(1 + erf(x/√2))
         return b.fmul(b.fmul(c(0.5), x), b.fadd(c(1.0), v.erf32(b.fmul(x, c(_SQRT_HALF)))))
-    if act in (GELU_TANH, SILU):  # x / (1 + e^z), z as in _act_loops; e^z saturates at e^88
-        if act == GELU_TANH:
-            inner = b.fadd(x, b.fmul(c(0.044715), b.fmul(b.fmul(x, x), x)))
-            z = b.fmul(c(-2.0), b.fmul(c(_SQRT_2_OVER_PI), inner))
-        else:
-            z = b.fneg(x)
+    if isinstance(act, tuple):  # x / (1 + e^z), z as in _act_loops; e^z saturates at e^88
+        inner = b.fadd(x, b.fmul(c(0.044715), b.fmul(b.fmul(x, x), x)))
+        z = b.select(act[1], b.fmul(c(-2.0), b.fmul(c(_SQRT_2_OVER_PI), inner)), b.fneg(x))
         z = b.select(b.fcmp_ordered(">", z, c(_EXP_HI)), c(_EXP_HI), z)
         return b.fdiv(x, b.fadd(c(1.0), v.exp32(z)))
     if act == RELU:  # max(x, 0) as Python's max: a NaN stays
@@ -162,14 +160,18 @@ def _act32(v, x, act):
 
 def _switch_act(builder, code, body):
     """IR running ``body(act)`` (which emits one act code's computation) for the code ``code``
-    (i64) holds at run time; an unknown code runs NONE's (the bias only)."""
-    blocks = {act: builder.append_basic_block(f"act.{act}") for act in (NONE, GELU, GELU_TANH, RELU, SILU)}
+    (i64) holds at run time; tanh-GELU and SiLU share one body (less code to compile: their
+    seven copies in the GEMM's tile kernels took ~1 s); an unknown code runs NONE's."""
+    blocks = {act: builder.append_basic_block(f"act.{act}") for act in (NONE, GELU, GELU_TANH, RELU)}
     end = builder.append_basic_block("act.end")
     switch = builder.switch(code, blocks[NONE])
     for act, block in blocks.items():
         switch.add_case(ir.Constant(code.type, act), block)
+        if act == GELU_TANH:
+            switch.add_case(ir.Constant(code.type, SILU), block)
         builder.position_at_end(block)
-        body(act)
+        tanh = builder.icmp_signed("==", code, ir.Constant(code.type, GELU_TANH))
+        body((GELU_TANH, tanh) if act == GELU_TANH else act)
         builder.branch(end)
     builder.position_at_end(end)
 
