@@ -15,15 +15,16 @@ from numba import njit
 from .activations import ACT_CODES
 from .attention import _attention, attention_default
 from .dense import Prepared
-from .gemm import BIAS_ACT, LAYERNORM, NONE, _gemm_packed, _unused, rows_per_block
+from .gemm import BIAS_ACT, LAYERNORM, NONE, _gemm_packed, _unused, ln_block_rows, rows_per_block
 
 LAYER_ROWS = 256  # the most rows a layer runs in one call
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _layer(x, starts, mask, has_mask, n_head, scale, rows_h, rows_i, qkv_p, qkv_b, ao_p, ao_b, ln1_w, ln1_b, eps1,
-           it_p, it_b, act, out_p, out_b, ln2_w, ln2_b, eps2, vec, mat, ints):
-    # x [N, H] -> [N, H]; rows_h / rows_i: gemm.block_rows of an [N, H] / [N, I] input. The
+def _layer(x, starts, mask, has_mask, n_head, scale, rows_h, rows_hl, rows_il, qkv_p, qkv_b, ao_p, ao_b, ln1_w,
+           ln1_b, eps1, it_p, it_b, act, out_p, out_b, ln2_w, ln2_b, eps2, vec, mat, ints):
+    # x [N, H] -> [N, H]; rows_h: gemm.block_rows of an [N, H] input, rows_hl / rows_il:
+    # gemm.ln_block_rows of an [N, H] / [N, I] input (the LayerNorm epilogue's). The
     # placeholders vec, mat, ints are gemm._unused's, so every call below is the compiled kernel
     # the per-kernel path calls.
     N, H, I = x.shape[0], x.shape[1], it_b.shape[0]
@@ -35,13 +36,13 @@ def _layer(x, starts, mask, has_mask, n_head, scale, rows_h, rows_i, qkv_p, qkv_
     context = np.empty((N, H), dtype=x.dtype)
     _attention(qkv, starts, mask, has_mask, n_head, scale, context)
     a = np.empty((N, H), dtype=x.dtype)  # LayerNorm(context·Wᵀ + b + x)
-    _gemm_packed(context, ao_p, a, rows_h, layernorm, ao_b, none, x, ln1_w, ln1_b, eps1,
-                 np.zeros((N + rows_h - 1) // rows_h, dtype=np.int64))
+    _gemm_packed(context, ao_p, a, rows_hl, layernorm, ao_b, none, x, ln1_w, ln1_b, eps1,
+                 np.zeros((N + rows_hl - 1) // rows_hl, dtype=np.int64))
     h = np.empty((N, I), dtype=x.dtype)  # act(a·Wᵀ + b)
     _gemm_packed(a, it_p, h, rows_h, bias_act, it_b, act, mat, vec, vec, z, ints)
     out = np.empty((N, H), dtype=x.dtype)  # LayerNorm(h·Wᵀ + b + a)
-    _gemm_packed(h, out_p, out, rows_i, layernorm, out_b, none, a, ln2_w, ln2_b, eps2,
-                 np.zeros((N + rows_i - 1) // rows_i, dtype=np.int64))
+    _gemm_packed(h, out_p, out, rows_il, layernorm, out_b, none, a, ln2_w, ln2_b, eps2,
+                 np.zeros((N + rows_il - 1) // rows_il, dtype=np.int64))
     return out
 
 
@@ -64,8 +65,8 @@ class PreparedLayer:
         dt, (N, H) = x.dtype, x.shape
         m = _NO_MASK[dt.char] if mask is None else np.ascontiguousarray(mask, dtype=dt)
         return _layer(x, starts, m, mask is not None, n_head, dt.type((H // n_head) ** -0.5),
-                      rows_per_block(N, x.nbytes), rows_per_block(N, N * self.intermediate * dt.itemsize),
-                      *self.weights)
+                      rows_per_block(N, x.nbytes), ln_block_rows(N, x.nbytes),
+                      ln_block_rows(N, N * self.intermediate * dt.itemsize), *self.weights)
 
 
 _NO_MASK = {np.dtype(t).char: np.zeros((1, 1), dtype=t) for t in (np.float32, np.float64)}  # as attention's _run
