@@ -404,8 +404,8 @@ def _gemm_packed(x, wp, out, block_rows, epilogue, bias, act, residual, ln_weigh
     # runs its row blocks against every panel, so x is read from cache, the weight once per block.
     # The epilogue (kernels/dense.py):
     # - PRODUCT: none, out = x·Wᵀ (the other arguments are not read);
-    # - BIAS_ACT: out = act(out + bias [N]) on each tile as it is written, while it is in L1,
-    #   act a code of activations.act_row;
+    # - BIAS_ACT: out = act(out + bias [N]), act a code of activations.act_row: on each tile's
+    #   sums in registers (float32), on the tile just stored (float64; see _epilogue);
     # - LAYERNORM: the task that finishes a row block's last panel (``done`` [blocks] int64 zeros
     #   counts them) turns the block's rows into LayerNorm((out + bias) + residual [M, N]).
     # One signature for all three, so the kernel compiles once per dtype (~5 s cold, each variant).
