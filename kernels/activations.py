@@ -176,24 +176,6 @@ def _switch_act(builder, code, body):
     builder.position_at_end(end)
 
 
-def _emit_act(context, builder, code, rows, n, row_ptrs):
-    """IR of ``dst[j] = act(src[j] + b[j])``, j < n, for each of ``rows`` rows, ``row_ptrs(r)``
-    giving row r's (src, b, dst) float32 pointers: 8 lanes a step, then the tail one at a time."""
-    ft, i64 = ir.FloatType(), ir.IntType(64)
-    W = LANES_BYTES // 4
-    nv = builder.udiv(n, ir.Constant(i64, W))
-
-    def body(act):
-        with cgutils.for_range(builder, rows) as row:
-            ptrs = row_ptrs(row.index)
-            for lanes, lo, hi in ((W, ir.Constant(i64, 0), nv), (1, builder.mul(nv, ir.Constant(i64, W)), n)):
-                src, b, dst = (_Vec(builder, ft, lanes, p) for p in ptrs)
-                with cgutils.for_range(builder, hi, start=lo) as loop:
-                    dst.store(_act32(dst, builder.fadd(src.load(loop.index), b.load(loop.index)), act), loop.index)
-
-    _switch_act(builder, code, body)
-
-
 def _f32(*arrays):
     return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 for a in arrays)
 
@@ -208,54 +190,21 @@ def _act_row32(typingctx, src, b, dst, act):
     def codegen(context, builder, sig, args):
         arrs = [context.make_array(sig.args[k])(context, builder, args[k]) for k in range(3)]
         code = context.cast(builder, args[3], sig.args[3], types.int64)
+        ft, i64 = ir.FloatType(), ir.IntType(64)
+        W = LANES_BYTES // 4
         n = builder.extract_value(arrs[0].shape, 0)
-        _emit_act(context, builder, code, ir.Constant(ir.IntType(64), 1), n, lambda r: [a.data for a in arrs])
+        nv = builder.udiv(n, ir.Constant(i64, W))
+
+        def body(act):  # whole vectors, then the tail one element at a time
+            for lanes, lo, hi in ((W, ir.Constant(i64, 0), nv), (1, builder.mul(nv, ir.Constant(i64, W)), n)):
+                s, b, d = (_Vec(builder, ft, lanes, a.data) for a in arrs)
+                with cgutils.for_range(builder, hi, start=lo) as loop:
+                    d.store(_act32(d, builder.fadd(s.load(loop.index), b.load(loop.index)), act), loop.index)
+
+        _switch_act(builder, code, body)
         return context.get_dummy_value()
 
     return types.void(src, b, dst, act), codegen
-
-
-@intrinsic
-def _act_tile32(typingctx, out, i, rows, c, n, bias, boff, act):
-    """float32 ``act_tile``: in place, rows i:i+rows, columns c:c+n of ``out``, bias from
-    ``bias[boff]``; the same loops (and bits) as ``_act_row32`` on each row."""
-    if not (_f32(out, bias) and out.ndim == 2 and bias.ndim == 1 and isinstance(act, types.Integer)):
-        return None
-    sig = types.void(out, i, rows, c, n, bias, boff, act)
-
-    def codegen(context, builder, sig, args):
-        o, bv = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 5))
-        i0, nrows, c0, n, b0, code = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 3, 4, 6, 7))
-        ld = builder.extract_value(o.shape, 1)
-        bp = builder.gep(bv.data, [b0])
-
-        def row_ptrs(r):
-            at = builder.gep(o.data, [builder.add(builder.mul(builder.add(i0, r), ld), c0)])
-            return at, bp, at
-
-        _emit_act(context, builder, code, nrows, n, row_ptrs)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-def act_tile(out, i, rows, c, n, bias, boff, act):  # pragma: no cover - replaced by the overload
-    raise NotImplementedError
-
-
-@overload(act_tile, inline="always")
-def _act_tile(out, i, rows, c, n, bias, boff, act):
-    # out[i:i+rows, c:c+n] = act(out[...] + bias[boff:boff+n]) in place: the GEMM's epilogue on a
-    # tile it has just written (kernels/gemm.py), with act_row's numbers
-    if _f32(out, bias):
-        return lambda out, i, rows, c, n, bias, boff, act: _act_tile32(out, i, rows, c, n, bias, boff, act)
-
-    def impl(out, i, rows, c, n, bias, boff, act):
-        bb = bias[boff:boff + n]
-        for r in range(i, i + rows):
-            t = out[r, c:c + n]
-            _act_loops(t, bb, t, act)
-    return impl
 
 
 @njit(inline="always")

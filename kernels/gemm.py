@@ -31,7 +31,7 @@ from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .activations import NONE, _act32, _switch_act, act_tile
+from .activations import NONE, _act32, _switch_act, act_row
 from .fastmath import _Vec
 from .layernorm import ln_row
 from .registry import FASTMATH, register
@@ -290,13 +290,17 @@ def _epilogue(out, i, rows, c, n, epi):  # pragma: no cover - replaced by the ov
 @overload(_epilogue, inline="always")
 def _epilogue_impl(out, i, rows, c, n, epi):
     # epi = (bias, boff, act) as the tile kernels take it: float32 tiles apply it in registers;
-    # a float64 tile gets act_tile (math.erf) on the tile just written, while it is in L1
+    # a float64 tile gets act_row (math.erf) on the rows just written, while they are in L1
     if out.dtype == types.float32:
         return lambda out, i, rows, c, n, epi: None
 
     def impl(out, i, rows, c, n, epi):
-        if epi[2] >= 0:
-            act_tile(out, i, rows, c, n, epi[0], epi[1], epi[2])
+        bias, boff, act = epi
+        if act >= 0:
+            bb = bias[boff:boff + n]
+            for r in range(i, i + rows):
+                t = out[r, c:c + n]
+                act_row(t, bb, t, act)
     return impl
 
 
