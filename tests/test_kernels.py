@@ -762,3 +762,49 @@ def test_avx2_and_avx512_widths_give_the_same_bits(tmp_path, minilm_dir):
     ours = BertModel.from_pretrained(minilm_dir)(ids, mask).last_hidden_state
     diff = float(np.abs(ours - theirs).max())
     assert np.array_equal(ours, theirs), f"this process ({gemm.VECTOR_BYTES}-byte tiles) vs AVX2: max abs diff {diff:.3e}"
+
+
+_ZEN4 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512vnni", "avx512bf16")
+
+
+def test_the_avx512_build_compiles_on_a_host_without_it(tmp_path, minilm_dir):
+    """A host without AVX-512 cannot run the 16-lane tiles (8-row GEMM and P·V tiles, both
+    attention kernels' AVX-512 forms), but it can compile them: a process targeting a Zen 4 with
+    AVX-512 compiles, without calling, every kernel whose code depends on the width — the
+    whole-layer kernel (the packed GEMM with each epilogue, the default attention) and both
+    attention kernels, for both dtypes, with the real MiniLM's argument types. So a change made on
+    an AVX2 host cannot break the AVX-512 build unseen; on an AVX-512 host every test runs it."""
+    import os
+    import subprocess
+    import sys
+
+    from numba.core.registry import cpu_target
+
+    host = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    if "+avx512f" in host:
+        pytest.skip("this host runs the AVX-512 build in every test")
+    features = ",".join("+" + f[1:] if f[1:] in _ZEN4 else f for f in host)
+    script = (
+        "import sys, numpy as np\n"
+        "from numba import typeof\n"
+        "from minibert import BertModel\n"
+        "from minibert.kernels import attention as A, gemm as G, layer as KL\n"
+        "assert (G.VECTOR_BYTES, G.TILE_ROWS) == (64, 8), (G.VECTOR_BYTES, G.TILE_ROWS)\n"
+        "for dtype in ('float32', 'float64'):\n"
+        "    dt = np.dtype(dtype)\n"
+        "    whole = BertModel.from_pretrained(sys.argv[1], dtype=dtype).encoder.layer[0].dense.whole\n"
+        "    x, starts, mask = np.zeros((16, 384), dt), np.array([0, 16]), np.zeros((1, 1), dt)\n"
+        "    args = (x, starts, mask, False, 12, dt.type(0.125), 16, 16, 16, *whole.weights)\n"
+        "    KL._layer.compile(tuple(map(typeof, args)))\n"
+        "    for kernel in (A._attention_tiled, A._attention_gemm):\n"
+        "        kernel.compile(tuple(map(typeof, (np.zeros((16, 1152), dt), starts, mask, True, 12, dt.type(0.125), x))))\n"
+        "for sig in G._gemm_packed.signatures:\n"
+        "    print(sig[0].dtype, sum('zmm' in line for line in G._gemm_packed.inspect_asm(sig).splitlines()))\n")
+    env = {**os.environ, "NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": features,
+           "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", script, str(minilm_dir)], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr
+    zmm = dict(line.split() for line in r.stdout.splitlines())
+    assert set(zmm) == {"float32", "float64"} and all(int(n) > 0 for n in zmm.values()), \
+        f"the packed GEMM should be built on 512-bit registers: lines using zmm by dtype {zmm}"
