@@ -12,9 +12,10 @@ Versions (docs/kernels.md has the measurements):
 - ``numba_packed``: the weight packed once into [in, 24]-column panels (48 on AVX-512 hosts) and an
   outer-product 4 × 3 vector micro-kernel (8 × 3 on AVX-512, whose 32 registers hold 24
   accumulators) in LLVM IR that prefetches the next panel: one long stream per panel, the copy
-  kept for read-only weights. A block of a few rows (up to 4 tiles), memory-bound, runs each
-  panel in chunks of K instead, its tiles prefetching a fixed distance ahead together. Summation:
-  k ascending in each lane, one FMA per step, so both widths and both paths give the same bits.
+  kept for read-only weights. A block of a few rows (up to 4 tiles on AVX-512, 2 on AVX2),
+  memory-bound, runs each panel in chunks of K instead, its tiles prefetching a fixed distance
+  ahead together. Summation: k ascending in each lane, one FMA per step, so both widths and both
+  paths give the same bits.
 """
 from __future__ import annotations
 
@@ -278,7 +279,9 @@ def _bias_act(context, builder, sig, args, acc, vt, lanes, last):
 
 _tile8, _tile4, _tile3, _tile2, _tile1 = (_tile_kernel(r, epilogue=True) for r in (8, 4, 3, 2, 1))
 _ctile8, _ctile4 = (_tile_kernel(r, chunked=True, epilogue=True) for r in (8, 4))
-CHUNKED_ROWS = 4 * TILE_ROWS  # row blocks of up to this many rows run a panel in chunks of K
+# row blocks of up to this many rows run a panel in chunks of K: 4 tiles on AVX-512, 2 on AVX2
+# (on the Zen 3 hosts 16 rows ran as fast or faster in whole panels: docs/kernels.md)
+CHUNKED_ROWS = 4 * TILE_ROWS if TILE_ROWS == 8 else 2 * TILE_ROWS
 K_CHUNK = 64  # panel rows (12 KB on AVX-512) that such a block's tiles run before the next
 PREFETCH_BYTES = 16384  # how far ahead of its reads such a block prefetches
 
